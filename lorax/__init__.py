@@ -1,0 +1,44 @@
+"""lorax: low-rank adaptation (LoRA) for JAX and Flax.
+
+Wrap a parameter tree, transform the function that consumes it, train the factors:
+
+>>> import jax, jax.numpy as jnp, optax, lorax
+>>> params = {"dense": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}
+>>> lp = lorax.wrap(params, rank=2)
+>>> forward = lorax.lora(lambda p, x: x @ p["dense"]["kernel"] + p["dense"]["bias"][None])
+>>> tx = lorax.optimizer(optax.sgd(0.1))
+>>> grads = jax.grad(lambda p: forward(p, jnp.ones((1, 8))).sum())(lp)
+>>> updates, _ = tx.update(grads, tx.init(lp), lp)
+>>> new = optax.apply_updates(lp, updates)
+>>> bool((new["dense"]["kernel"].w == params["dense"]["kernel"]).all())
+True
+"""
+
+from lorax.interpreter import lora
+from lorax.merge import merge, unmerge
+from lorax.node import FullyTrained, LoRA, is_lora
+from lorax.optimizer import optimizer
+from lorax.partition import combine, split, trainable
+from lorax.rules import LoRAFallbackWarning
+from lorax.summary import Summary, summary
+from lorax.wrap import unwrap, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FullyTrained",
+    "LoRA",
+    "LoRAFallbackWarning",
+    "Summary",
+    "combine",
+    "is_lora",
+    "lora",
+    "merge",
+    "optimizer",
+    "split",
+    "summary",
+    "trainable",
+    "unmerge",
+    "unwrap",
+    "wrap",
+]

@@ -1,0 +1,232 @@
+"""`lorax.lora`: run any JAX function on wrapped trees, computing adapted kernels factorized.
+
+The transform traces ``fn`` once with each LoRA node replaced by its frozen kernel ``w`` (so the
+function sees ordinary arrays of the usual shapes), then evaluates the resulting jaxpr equation
+by equation. Values derived from a LoRA node stay symbolic (:class:`lorax.rules.LoRAValue`)
+through layout primitives and are consumed by the factorized rules in :mod:`lorax.rules`.
+Higher-order primitives (``jit``, ``remat``, ``scan``, ``cond``, ``while``) are re-issued with
+their bodies interpreted the same way; every other equation is bound unchanged. Only public
+APIs are used: ``jax.make_jaxpr`` and ``jax.extend.core``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax import lax
+from jax.extend.core import DropVar, Literal
+from jax.extend.core import primitives as P
+
+from lorax.node import LoRA, is_array_like, is_lora, is_node, unbox
+from lorax.rules import RULES, LoRAValue
+
+
+def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Transforms ``fn`` so wrapped trees may appear anywhere in its arguments.
+
+    Each LoRA kernel is computed as ``x·W + s·((x·a)·b)`` at the primitive that consumes it
+    (``dot_general``, ``conv_general_dilated``, ``gather``), with ``W`` held constant: neither a
+    full-size ``W + s·a·b`` nor a full-size gradient of ``W`` is formed. ``FullyTrained`` boxes
+    are passed as their values. The transformed function takes one extra keyword, ``lora_key``:
+    a PRNG key that turns on LoRA dropout (for kernels wrapped with ``dropout > 0``); without it
+    the adapters are deterministic.
+
+    Args:
+        fn: any function of pytrees of arrays, e.g. a Flax ``model.apply``, or
+            ``lambda state, x: nnx.merge(graphdef, state)(x)``.
+
+    Returns:
+        A function with ``fn``'s signature plus the keyword-only ``lora_key``.
+
+    Raises:
+        ValueError: when a kernel is contracted along a different input/output split than its
+            factors were built for (the message names the ``in_axes`` to pass).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorax
+        >>> params = {"kernel": jnp.ones((8, 4))}
+        >>> lp = lorax.wrap(params, rank=2)
+        >>> y = lorax.lora(lambda p, x: x @ p["kernel"])(lp, jnp.ones((3, 8)))
+        >>> bool(jnp.allclose(y, jnp.ones((3, 8)) @ params["kernel"]))
+        True
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, lora_key: jax.Array | None = None, **kwargs: Any) -> Any:
+        return _call(fn, args, kwargs, lora_key)
+
+    return wrapped
+
+
+def _call(fn, args, kwargs, lora_key):
+    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_node)
+    dynamic = [i for i, x in enumerate(leaves) if is_node(x) or is_array_like(x)]
+
+    def flat_fn(*values):
+        full = list(leaves)
+        for i, value in zip(dynamic, values, strict=True):
+            full[i] = value
+        call_args, call_kwargs = jax.tree.unflatten(treedef, full)
+        return fn(*call_args, **call_kwargs)
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
+        *[unbox(leaves[i]) for i in dynamic]
+    )
+    invals = []
+    for position, i in enumerate(dynamic):
+        x = leaves[i]
+        if is_lora(x):
+            invals.append(_enter(x, lora_key, position))
+        else:
+            invals.append(unbox(x))
+    outs = eval_jaxpr(closed.jaxpr, closed.consts, invals)
+    outs = _concrete(outs, "the function's output")
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+
+def _enter(node: LoRA, lora_key, position: int) -> LoRAValue:
+    key = None
+    if lora_key is not None and node.dropout > 0:
+        key = jax.random.fold_in(lora_key, position)
+    frozen = dataclasses.replace(node, w=lax.stop_gradient(node.w))
+    return LoRAValue(frozen, key, tuple(range(len(node.shape))))
+
+
+def _concrete(values: Sequence[Any], where: str) -> list[Any]:
+    return [v.materialize(where) if isinstance(v, LoRAValue) else v for v in values]
+
+
+def _bind(eqn, invals):
+    return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+
+
+def eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    """Evaluates ``jaxpr`` where some inputs may be :class:`LoRAValue` (internal)."""
+    env: dict[Any, Any] = {}
+
+    def read(var):
+        return var.val if isinstance(var, Literal) else env[var]
+
+    for var, value in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = value
+    for var, value in zip(jaxpr.invars, args, strict=True):
+        env[var] = value
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(v, LoRAValue) for v in invals):
+            outs = _lora_eqn(eqn, invals)
+        else:
+            outs = _bind(eqn, invals)
+        if not eqn.primitive.multiple_results:
+            outs = [outs]
+        for var, value in zip(eqn.outvars, outs, strict=True):
+            if not isinstance(var, DropVar):
+                env[var] = value
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _lora_eqn(eqn, invals):
+    higher = _HIGHER_ORDER.get(eqn.primitive)
+    if higher is not None:
+        return higher(eqn.params, invals)
+    rule = RULES.get(eqn.primitive)
+    if rule is not None:
+        out = rule(invals, eqn.params)
+        if out is not None:
+            return out
+    return _bind(eqn, _concrete(invals, eqn.primitive.name))
+
+
+def _inline(key):
+    def run(params, invals):
+        closed = params[key]
+        return eval_jaxpr(closed.jaxpr, closed.consts, invals)
+
+    return run
+
+
+def _remat(params, invals):
+    jaxpr = params["jaxpr"]
+
+    def body(*values):
+        return _concrete(eval_jaxpr(jaxpr, (), values), "remat output")
+
+    checkpointed = jax.checkpoint(body, prevent_cse=params["prevent_cse"], policy=params["policy"])
+    return checkpointed(*invals)
+
+
+def _scan(params, invals):
+    closed = params["jaxpr"]
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    length = params["length"]
+    consts = invals[:n_consts]
+    init = _concrete(invals[n_consts : n_consts + n_carry], "scan carry")
+    xs, templates = [], []
+    for x in invals[n_consts + n_carry :]:
+        if isinstance(x, LoRAValue) and x.node.n_stack >= 1 and x.perm[0] == 0:
+            keys = None if x.key is None else jax.random.split(x.key, length)
+            xs.append((x.node.w, x.node.a, x.node.b, keys))
+            templates.append(x)
+        else:
+            xs.append(x.materialize("scan over a non-stacked axis") if isinstance(x, LoRAValue)
+                      else x)
+            templates.append(None)
+
+    def body(carry, x_slices):
+        values = []
+        for template, x in zip(templates, x_slices, strict=True):
+            if template is None:
+                values.append(x)
+                continue
+            w, a, b, key = x
+            node = dataclasses.replace(template.node, w=w, a=a, b=b,
+                                       n_stack=template.node.n_stack - 1)
+            values.append(LoRAValue(node, key, tuple(p - 1 for p in template.perm[1:])))
+        outs = eval_jaxpr(closed.jaxpr, closed.consts, [*consts, *carry, *values])
+        outs = _concrete(outs, "scan output")
+        return outs[:n_carry], outs[n_carry:]
+
+    carry, ys = lax.scan(body, init, xs, length=length, reverse=params["reverse"],
+                         unroll=params["unroll"])
+    return [*carry, *ys]
+
+
+def _cond(params, invals):
+    index, *operands = invals
+
+    def branch(closed, *values):
+        return _concrete(eval_jaxpr(closed.jaxpr, closed.consts, values), "cond output")
+
+    branches = [functools.partial(branch, closed) for closed in params["branches"]]
+    return lax.switch(index, branches, *operands)
+
+
+def _while(params, invals):
+    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+    cond_consts = _concrete(invals[:n_cond], "while condition")
+    body_consts = invals[n_cond : n_cond + n_body]
+    init = _concrete(invals[n_cond + n_body :], "while carry")
+    cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
+
+    def cond_fn(carry):
+        return eval_jaxpr(cond_jaxpr.jaxpr, cond_jaxpr.consts, [*cond_consts, *carry])[0]
+
+    def body_fn(carry):
+        outs = eval_jaxpr(body_jaxpr.jaxpr, body_jaxpr.consts, [*body_consts, *carry])
+        return _concrete(outs, "while carry")
+
+    return lax.while_loop(cond_fn, body_fn, init)
+
+
+_HIGHER_ORDER = {
+    P.jit_p: _inline("jaxpr"),
+    P.closed_call_p: _inline("call_jaxpr"),
+    P.remat_p: _remat,
+    P.scan_p: _scan,
+    P.cond_p: _cond,
+    P.while_p: _while,
+}

@@ -1,0 +1,90 @@
+"""Merging adapters into kernels for zero-latency inference, and taking them back out."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lorax.node import FullyTrained, LoRA, is_lora, is_node
+from lorax.paths import path_str
+
+
+def merge(tree: Any) -> Any:
+    """Returns plain params of the original structure with every adapter folded in.
+
+    Each LoRA node becomes ``w + scale * a @ b``, computed in float32 and cast to ``w``'s dtype
+    (a bf16 base merges with a single bf16 rounding); ``FullyTrained`` boxes become their
+    values. The result runs through the unmodified model at the base model's cost.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> params = {"kernel": jnp.ones((4, 4))}
+        >>> merged = lorax.merge(lorax.wrap(params, rank=2))  # b = 0 at init
+        >>> bool((merged["kernel"] == params["kernel"]).all())
+        True
+    """
+
+    def fold(node: Any) -> Any:
+        if isinstance(node, LoRA):
+            return node.merged()
+        if isinstance(node, FullyTrained):
+            return node.value
+        return node
+
+    return jax.tree.map(fold, tree, is_leaf=is_node)
+
+
+def unmerge(merged: Any, tree: Any) -> Any:
+    """Recovers the wrapped tree from merged params: ``w = merged - scale * a @ b``.
+
+    Args:
+        merged: plain params, as returned by :func:`merge` (possibly after other edits).
+        tree: the wrapped tree whose adapters were merged (supplies ``a``, ``b`` and ``scale``).
+
+    Returns:
+        ``tree`` with each ``w`` recomputed from ``merged`` (in float32, cast back) and each
+        ``train`` leaf taken from ``merged``. For float32 kernels this recovers ``w`` up to
+        float32 rounding of the add and subtract.
+
+    Raises:
+        ValueError: if ``merged`` and ``tree`` differ in structure or a kernel's shape.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> lp = lorax.wrap({"kernel": jnp.ones((4, 4))}, rank=2)
+        >>> back = lorax.unmerge(lorax.merge(lp), lp)
+        >>> bool(jnp.allclose(back["kernel"].w, lp["kernel"].w))
+        True
+    """
+    flat_tree, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
+    flat_merged, merged_def = jax.tree_util.tree_flatten_with_path(merged)
+    if len(flat_tree) != len(flat_merged):
+        raise ValueError(
+            f"expected `merged` to have the structure of `tree` ({len(flat_tree)} leaves), got "
+            f"{len(flat_merged)} leaves"
+        )
+    out = []
+    for (path, node), (_, value) in zip(flat_tree, flat_merged, strict=True):
+        where = path_str(path)
+        if is_node(node) and tuple(value.shape) != tuple(node_shape(node)):
+            raise ValueError(
+                f"expected `merged` leaf of shape {list(node_shape(node))} at {where!r}, got "
+                f"{list(value.shape)}"
+            )
+        if is_lora(node):
+            w = jnp.asarray(value, jnp.float32) - node.delta(jnp.float32)
+            out.append(dataclasses.replace(node, w=w.astype(node.dtype)))
+        elif isinstance(node, FullyTrained):
+            out.append(FullyTrained(value))
+        else:
+            out.append(value)
+    del merged_def
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def node_shape(node: Any) -> tuple[int, ...]:
+    """The array shape a node stands for."""
+    return tuple(node.w.shape if is_lora(node) else node.value.shape)

@@ -1,0 +1,40 @@
+"""`lorax.optimizer`: an optax transform that trains the factors and keeps nothing for W."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from lorax.partition import trainable
+
+_TRAIN, _FREEZE = "lorax_trainable", "lorax_frozen"
+
+
+def _labels(params: Any) -> Any:
+    return jax.tree.map(lambda m: _TRAIN if m else _FREEZE, trainable(params))
+
+
+def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Applies ``tx`` to the LoRA factors and ``train`` leaves; frozen leaves get zero updates.
+
+    Built on ``optax.multi_transform`` with ``optax.set_to_zero`` for frozen leaves, so the
+    optimizer state holds no arrays for them (masked leaves are ``optax.MaskedNode``). The
+    labels come from the tree alone (:func:`lorax.trainable`), so ``init`` and ``update`` work
+    on the full wrapped tree or on the trainable half of :func:`lorax.split`.
+
+    Args:
+        tx: any optax transformation, e.g. ``optax.adamw(1e-3)``.
+
+    Returns:
+        An ``optax.GradientTransformation``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, lorax
+        >>> lp = lorax.wrap({"kernel": jnp.ones((64, 64))}, rank=4)
+        >>> state = lorax.optimizer(optax.adam(1e-3)).init(lp)
+        >>> sum(x.size for x in jax.tree.leaves(state))  # Adam's mu, nu for a, b + count
+        1025
+    """
+    return optax.multi_transform({_TRAIN: tx, _FREEZE: optax.set_to_zero()}, _labels)

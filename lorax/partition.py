@@ -1,0 +1,71 @@
+"""Which leaves of a wrapped tree train, and splitting a tree into its trainable/frozen halves."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from lorax.node import FullyTrained, LoRA, is_node
+
+
+def _mark(node: Any) -> Any:
+    if isinstance(node, LoRA):
+        return dataclasses.replace(node, w=False, a=True, b=True)
+    if isinstance(node, FullyTrained):
+        return FullyTrained(True)
+    return False
+
+
+def trainable(tree: Any) -> Any:
+    """A bool mask with the structure of ``tree``: True for factors and ``train`` leaves.
+
+    LoRA nodes become ``LoRA(w=False, a=True, b=True)`` masks, so the mask flattens to one bool
+    per array leaf of ``tree`` (optax's mask convention).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorax
+        >>> lp = lorax.wrap({"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}, rank=2)
+        >>> jax.tree.leaves(lorax.trainable(lp))  # bias, then kernel's w, a, b
+        [False, False, True, True]
+    """
+    return jax.tree.map(_mark, tree, is_leaf=is_node)
+
+
+def split(tree: Any) -> tuple[Any, Any]:
+    """Splits ``tree`` into ``(trainable, frozen)`` halves with ``None`` holes.
+
+    Differentiating only the trainable half is the cheapest gradient pattern::
+
+        trainable, frozen = lorax.split(lp)
+        grads = jax.grad(lambda t: loss(lorax.combine(t, frozen)))(trainable)
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> lp = lorax.wrap({"kernel": jnp.ones((4, 4))}, rank=2)
+        >>> train, frozen = lorax.split(lp)
+        >>> train["kernel"].w is None, frozen["kernel"].a is None
+        (True, True)
+    """
+    mask = trainable(tree)
+    keep = jax.tree.map(lambda x, m: x if m else None, tree, mask)
+    drop = jax.tree.map(lambda x, m: None if m else x, tree, mask)
+    return keep, drop
+
+
+def combine(trainable_part: Any, frozen_part: Any) -> Any:
+    """Inverts :func:`split`: fills each ``None`` hole of one half from the other.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> lp = lorax.wrap({"kernel": jnp.ones((4, 4))}, rank=2)
+        >>> lorax.combine(*lorax.split(lp))["kernel"].w is lp["kernel"].w
+        True
+    """
+    return jax.tree.map(
+        lambda t, f: f if t is None else t,
+        trainable_part,
+        frozen_part,
+        is_leaf=lambda x: x is None,
+    )

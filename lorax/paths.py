@@ -1,0 +1,146 @@
+"""Leaf paths as '/'-joined strings, and the selectors users write against them.
+
+A selector is ``None``, a regex ``str`` searched in the path, a list of such regexes (a leaf is
+selected when any matches), or a callable ``(path, leaf) -> bool``. Pattern maps such as
+``rank_pattern`` are ``{regex: value}`` dicts where the first matching regex wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import jax
+
+Selector = str | Sequence[str] | Callable[[str, Any], bool] | None
+T = TypeVar("T")
+
+# Flax NNX stores arrays inside `Variable` objects whose pytree child is `.value`.
+_VARIABLE_ATTRS = ("value", "raw_value")
+
+
+def path_str(keypath: Sequence[Any]) -> str:
+    """Joins a JAX key path into 'encoder/layer_0/query/kernel' form.
+
+    NNX ``Variable`` wrappers (a trailing ``.value``) are dropped so Linen and NNX trees give the
+    same names.
+
+    Example:
+        >>> import jax
+        >>> tree = {"encoder": {"layers": [{"kernel": 0}]}}
+        >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+        ['encoder/layers/0/kernel']
+    """
+    parts = []
+    for key in keypath:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:
+            parts.append(str(key))
+    while len(parts) > 1 and parts[-1] in _VARIABLE_ATTRS and isinstance(
+        keypath[len(parts) - 1], jax.tree_util.GetAttrKey
+    ):
+        parts.pop()
+    return "/".join(parts)
+
+
+def _compile(pattern: Any, argname: str) -> re.Pattern[str]:
+    if not isinstance(pattern, str):
+        raise TypeError(
+            f"expected `{argname}` to hold regex strings, got {type(pattern).__name__} {pattern!r}"
+        )
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"invalid regex {pattern!r} in `{argname}`: {err}") from None
+
+
+class PathSelector:
+    """A compiled selector: which leaves it picks, and which of its regexes matched anything.
+
+    Example:
+        >>> sel = PathSelector(["query", "value"], "targets")
+        >>> sel("layer_0/query/kernel", None), sel("layer_0/key/kernel", None)
+        (True, False)
+    """
+
+    def __init__(self, spec: Selector, argname: str):
+        self.argname = argname
+        self.spec = spec
+        self.fn: Callable[[str, Any], bool] | None = None
+        self.patterns: list[re.Pattern[str]] = []
+        if spec is None:
+            return
+        if callable(spec) and not isinstance(spec, str):
+            self.fn = spec
+        elif isinstance(spec, str):
+            self.patterns = [_compile(spec, argname)]
+        elif isinstance(spec, Iterable):
+            self.patterns = [_compile(p, argname) for p in spec]
+            if not self.patterns:
+                raise ValueError(f"expected at least one regex in `{argname}`, got an empty list")
+        else:
+            raise TypeError(
+                f"expected `{argname}` to be a regex string, a list of regexes or a callable "
+                f"(path, leaf) -> bool, got {type(spec).__name__}"
+            )
+
+    @property
+    def is_none(self) -> bool:
+        return self.spec is None
+
+    def matching(self, path: str, leaf: Any) -> list[str]:
+        """The regexes (or ``['<callable>']``) that select ``path``."""
+        if self.fn is not None:
+            result = self.fn(path, leaf)
+            if not isinstance(result, bool | jax.numpy.bool_):
+                raise TypeError(
+                    f"expected the `{self.argname}` callable to return a bool, got "
+                    f"{type(result).__name__} at {path!r}"
+                )
+            return ["<callable>"] if result else []
+        return [p.pattern for p in self.patterns if p.search(path)]
+
+    def __call__(self, path: str, leaf: Any) -> bool:
+        return bool(self.matching(path, leaf))
+
+
+def first_match(mapping: Mapping[str, T] | None, path: str, argname: str) -> T | None:
+    """The value of the first regex key of ``mapping`` found in ``path`` (PEFT's rule).
+
+    Example:
+        >>> first_match({"query": 4, ".*": 8}, "layer_0/query/kernel", "rank_pattern")
+        4
+    """
+    if mapping is None:
+        return None
+    if not isinstance(mapping, Mapping):
+        raise TypeError(
+            f"expected `{argname}` to be a dict {{regex: value}}, got {type(mapping).__name__}"
+        )
+    for pattern, value in mapping.items():
+        if _compile(pattern, argname).search(path):
+            return value
+    return None
+
+
+def unmatched_keys(mapping: Mapping[str, Any] | None, paths: Iterable[str], argname: str) -> list:
+    """The regex keys of ``mapping`` that match none of ``paths``."""
+    if not mapping:
+        return []
+    paths = list(paths)
+    return [k for k in mapping if not any(_compile(k, argname).search(p) for p in paths)]
+
+
+def hint(paths: Sequence[str], limit: int = 8) -> str:
+    """A short listing of available paths for error messages."""
+    shown = ", ".join(repr(p) for p in paths[:limit])
+    more = f", ... ({len(paths) - limit} more)" if len(paths) > limit else ""
+    return f"available paths: {shown}{more}" if paths else "the tree has no array leaves"

@@ -1,0 +1,284 @@
+"""Factorized rules: how each primitive that consumes a LoRA kernel is computed low-rank.
+
+Inside :func:`lorax.lora`, a kernel stands as a :class:`LoRAValue`: the node's frozen ``w``
+(gradient-stopped), its factors, and a permutation that says how the value seen by the program
+is laid out relative to the node's canonical ``(*stack, *in, *out)`` axes. Layout primitives
+(transpose, reshape, dtype casts) update that view for free; consumers (``dot_general``,
+``conv_general_dilated``, ``gather``) compute ``op(x, w) + s * op'(op(x, a), b)`` so no
+full-size ``a @ b`` (nor its gradient) is ever formed. Anything else materializes
+``w + s * a @ b`` with a :class:`LoRAFallbackWarning` naming the primitive and the path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import primitives as P
+
+from lorax.node import LoRA
+
+
+class LoRAFallbackWarning(UserWarning):
+    """A LoRA kernel was consumed in a way lorax cannot factorize, so ``W + s·A·B`` was formed."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoRAValue:
+    """A LoRA kernel as it flows through the interpreter (internal).
+
+    The program sees ``transpose(node.w + s * a @ b, perm)``. ``key`` is the dropout key of this
+    kernel (``None`` when dropout is off).
+    """
+
+    node: LoRA
+    key: Any
+    perm: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.node.shape[p] for p in self.perm)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.perm)
+
+    def with_node(self, node: LoRA, perm: tuple[int, ...] | None = None) -> LoRAValue:
+        return LoRAValue(node, self.key, self.perm if perm is None else perm)
+
+    def base(self) -> jax.Array:
+        """The frozen kernel in the program's layout."""
+        return _transpose(self.node.w, self.perm)
+
+    def materialize(self, primitive: str) -> jax.Array:
+        """``w + s * a @ b`` in the program's layout, with a warning: full-size cost."""
+        warnings.warn(
+            f"lorax.lora: `{primitive}` consumes the LoRA kernel at {self.node.path!r} in a way "
+            "that cannot be factorized; materializing W + s*A@B (full-size compute and memory)",
+            LoRAFallbackWarning,
+            stacklevel=2,
+        )
+        return _transpose(self.node.merged(), self.perm)
+
+
+def _transpose(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+    return x if perm == tuple(range(len(perm))) else lax.transpose(x, perm)
+
+
+def _dropout(x: jax.Array, key: Any, rate: float) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _axis_groups(node: LoRA) -> tuple[range, range, range]:
+    s, i = node.n_stack, node.n_in
+    return range(0, s), range(s, s + i), range(s + i, len(node.shape))
+
+
+def _split_error(v: LoRAValue, primitive: str, contracted: list[int]) -> ValueError:
+    node = v.node
+    _, ins, _ = _axis_groups(node)
+    width = len(node.shape) - node.n_stack
+    rel = sorted(c - node.n_stack for c in contracted)
+    suggestion, key = "", "^" + re.escape(node.path) + "$"
+    if rel == list(range(len(rel))):
+        suggestion = f" pass in_axes={{{key!r}: {len(rel)}}} to lorax.wrap"
+    elif rel == list(range(width - len(rel), width)):
+        suggestion = f" pass in_axes={{{key!r}: {width - len(rel)}}} to lorax.wrap"
+    return ValueError(
+        f"the LoRA kernel at {node.path!r} (shape {list(node.shape)}) is contracted by "
+        f"`{primitive}` over its axes {sorted(contracted)}, but its factors were built with "
+        f"in_axes={node.n_in} (input axes {list(ins)});"
+        + (suggestion or " its factors cannot express this use; choose `in_axes` to match")
+    )
+
+
+def _lowrank_dot(v: LoRAValue, x: jax.Array, x_contract, x_batch, w_contract, w_batch, side,
+                 params) -> jax.Array | None:
+    """The low-rank term of ``dot_general`` with ``v`` on ``side`` (0 = lhs, 1 = rhs)."""
+    node = v.node
+    stack, ins, outs = _axis_groups(node)
+    cw = [v.perm[d] for d in w_contract]
+    bw = [v.perm[d] for d in w_batch]
+    if sorted(bw) != list(stack):
+        return None
+    if sorted(cw) == list(ins):
+        first, second = node.a, node.b
+        first_axes, second_r_axis = cw, node.n_stack  # a keeps canonical stack/in positions
+        free_canonical = list(outs)
+    elif sorted(cw) == list(outs):
+        first, second = node.b, node.a
+        first_axes = [c - node.n_in + 1 for c in cw]  # b: (*stack, r, *out)
+        second_r_axis = node.n_stack + node.n_in  # a: (*stack, *in, r)
+        free_canonical = list(ins)
+    else:
+        raise _split_error(v, "dot_general", cw)
+    dtype = x.dtype
+    x = _dropout(x, v.key, node.dropout)
+    first, second = first.astype(dtype), second.astype(dtype)
+    nb = len(w_batch)
+    precision, pref = params.get("precision"), params.get("preferred_element_type")
+    if side == 1:
+        t = lax.dot_general(x, first, ((x_contract, first_axes), (x_batch, bw)),
+                            precision=precision)
+        t = t * jnp.asarray(node.scale, t.dtype)
+        y = lax.dot_general(t, second, (([t.ndim - 1], [second_r_axis]), (range(nb), bw)),
+                            precision=precision, preferred_element_type=pref)
+        n_lead = y.ndim - len(free_canonical)  # batch + x-free axes come first
+    else:
+        t = lax.dot_general(first, x, ((first_axes, x_contract), (bw, x_batch)),
+                            precision=precision)
+        t = t * jnp.asarray(node.scale, t.dtype)
+        # t: (*batch, r, *x_free); contract r with the second factor's rank axis.
+        y = lax.dot_general(second, t, (([second_r_axis], [nb]), (bw, range(nb))),
+                            precision=precision, preferred_element_type=pref)
+        n_lead = nb
+    # The program wants w's free axes in its own order, not canonical order.
+    wanted = [v.perm[d] for d in range(v.ndim) if d not in w_contract and d not in w_batch]
+    order = [free_canonical.index(c) for c in wanted]
+    if order != sorted(order):
+        lead = list(range(n_lead))
+        free = [n_lead + o for o in order]
+        rest = list(range(n_lead + len(order), y.ndim))
+        y = lax.transpose(y, (*lead, *free, *rest))
+    return y
+
+
+def dot_general_rule(invals, params):
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    lhs, rhs = invals
+    if isinstance(lhs, LoRAValue) and isinstance(rhs, LoRAValue):
+        return None
+    side = 1 if isinstance(rhs, LoRAValue) else 0
+    v, x = (rhs, lhs) if side == 1 else (lhs, rhs)
+    xc, xb, wc, wb = (lc, lb, rc, rb) if side == 1 else (rc, rb, lc, lb)
+    low = _lowrank_dot(v, x, list(xc), list(xb), list(wc), list(wb), side, params)
+    if low is None:
+        return None
+    operands = (x, v.base()) if side == 1 else (v.base(), x)
+    y = P.dot_general_p.bind(*operands, **params)
+    return y + low.astype(y.dtype)
+
+
+def conv_rule(invals, params):
+    lhs, rhs = invals
+    if isinstance(lhs, LoRAValue) or params["feature_group_count"] != 1:
+        return None
+    if params["batch_group_count"] != 1:
+        return None
+    v = rhs
+    node = v.node
+    _, ins, outs = _axis_groups(node)
+    dn = params["dimension_numbers"]
+    out_feature = dn.rhs_spec[0]
+    if node.n_stack or len(outs) != 1 or v.perm[out_feature] != outs[0]:
+        if node.n_stack == 0 and len(outs) == 1:
+            contracted = [v.perm[d] for d in range(v.ndim) if d != out_feature]
+            raise _split_error(v, "conv_general_dilated", contracted)
+        return None
+    y = P.conv_general_dilated_p.bind(lhs, v.base(), **params)
+    x = _dropout(lhs, v.key, node.dropout)
+    a_kernel = _transpose(node.a.astype(x.dtype), v.perm)  # same layout, out features -> r
+    t = P.conv_general_dilated_p.bind(x, a_kernel, **{**params, "preferred_element_type": None})
+    t = t * jnp.asarray(node.scale, t.dtype)
+    feature = dn.out_spec[1]
+    low = lax.dot_general(t, node.b.astype(t.dtype), (([feature], [0]), ([], [])),
+                          precision=params.get("precision"))
+    return y + jnp.moveaxis(low, -1, feature).astype(y.dtype)
+
+
+def gather_rule(invals, params):
+    operand, indices = invals
+    if not isinstance(operand, LoRAValue) or isinstance(indices, LoRAValue):
+        return None
+    v, node = operand, operand.node
+    _, ins, outs = _axis_groups(node)
+    dn = params["dimension_numbers"]
+    if node.n_stack or len(outs) != 1 or dn.operand_batching_dims:
+        return None
+    out_axis = v.perm.index(outs[0])  # the program's axis holding the output features
+    indexed = set(dn.collapsed_slice_dims) | set(dn.start_index_map)
+    if out_axis in indexed or params["slice_sizes"][out_axis] != v.shape[out_axis]:
+        return None
+    y = P.gather_p.bind(v.base(), indices, **params)
+    a_view = _transpose(node.a, v.perm)
+    slice_sizes = list(params["slice_sizes"])
+    slice_sizes[out_axis] = node.rank
+    t = P.gather_p.bind(a_view, indices, **{**params, "slice_sizes": tuple(slice_sizes)})
+    kept = [d for d in range(v.ndim) if d not in dn.collapsed_slice_dims]
+    feature = dn.offset_dims[kept.index(out_axis)]
+    t = _dropout(t, v.key, node.dropout) * jnp.asarray(node.scale, t.dtype)
+    low = lax.dot_general(t, node.b.astype(t.dtype), (([feature], [0]), ([], [])))
+    return y + jnp.moveaxis(low, -1, feature).astype(y.dtype)
+
+
+def transpose_rule(invals, params):
+    (v,) = invals
+    return v.with_node(v.node, tuple(v.perm[p] for p in params["permutation"]))
+
+
+def convert_rule(invals, params):
+    (v,) = invals
+    dtype = params["new_dtype"]
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return None
+    n = v.node
+    node = dataclasses.replace(n, w=n.w.astype(dtype), a=n.a.astype(dtype), b=n.b.astype(dtype))
+    return v.with_node(node)
+
+
+def reshape_rule(invals, params):
+    (v,) = invals
+    node = v.node
+    new = tuple(params["new_sizes"])
+    s = node.n_stack
+    if params.get("dimensions") is not None or v.perm != tuple(range(v.ndim)):
+        return None
+    if new[:s] != node.shape[:s]:
+        return None
+    in_size = math.prod(node.in_shape)
+    for k in range(s + 1, len(new)):
+        if math.prod(new[s:k]) == in_size:
+            ins, outs = new[s:k], new[k:]
+            node = dataclasses.replace(
+                node,
+                w=jnp.reshape(node.w, new),
+                a=jnp.reshape(node.a, (*new[:s], *ins, node.rank)),
+                b=jnp.reshape(node.b, (*new[:s], node.rank, *outs)),
+                n_in=len(ins),
+            )
+            return LoRAValue(node, v.key, tuple(range(len(new))))
+    return None
+
+
+def identity_rule(invals, params):
+    del params
+    return invals[0]
+
+
+def stop_gradient_rule(invals, params):
+    del params
+    (v,) = invals
+    n = v.node
+    return v.with_node(dataclasses.replace(n, a=lax.stop_gradient(n.a), b=lax.stop_gradient(n.b)))
+
+
+RULES = {
+    P.dot_general_p: dot_general_rule,
+    P.conv_general_dilated_p: conv_rule,
+    P.gather_p: gather_rule,
+    P.transpose_p: transpose_rule,
+    P.convert_element_type_p: convert_rule,
+    P.reshape_p: reshape_rule,
+    P.copy_p: identity_rule,
+    P.stop_gradient_p: stop_gradient_rule,
+}

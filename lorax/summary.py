@@ -1,0 +1,109 @@
+"""`lorax.summary`: what a wrapped tree trains, and what it costs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from lorax.node import FullyTrained, LoRA, is_array_like, is_node
+from lorax.paths import path_str
+
+
+def _size_bytes(x: Any) -> tuple[int, int]:
+    size = math.prod(x.shape)
+    return size, size * np.dtype(x.dtype).itemsize
+
+
+class AdaptedKernel(NamedTuple):
+    """One adapted kernel in a :class:`Summary`."""
+
+    path: str
+    shape: tuple[int, ...]
+    rank: int
+    scale: float
+    params: int  # trainable factor parameters
+
+
+class Summary(NamedTuple):
+    """Parameter counts of a wrapped tree; ``str()`` renders a table.
+
+    Attributes:
+        trainable: trainable parameters (factors and ``train`` leaves).
+        frozen: frozen parameters (base kernels and untouched leaves).
+        trainable_bytes: bytes of the trainable parameters.
+        frozen_bytes: bytes of the frozen parameters.
+        adapted: one :class:`AdaptedKernel` per LoRA node.
+        fully_trained: paths of the ``train`` leaves.
+    """
+
+    trainable: int
+    frozen: int
+    trainable_bytes: int
+    frozen_bytes: int
+    adapted: tuple[AdaptedKernel, ...]
+    fully_trained: tuple[str, ...]
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+    def __str__(self) -> str:
+        rows = [("path", "shape", "rank", "scale", "params")]
+        rows += [(k.path, "x".join(map(str, k.shape)), str(k.rank), f"{k.scale:g}", f"{k.params:,}")
+                 for k in self.adapted]
+        rows += [(p, "", "full", "", "") for p in self.fully_trained]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                 for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        lines.append(
+            f"trainable {self.trainable:,} ({pct:.3f}%, {self.trainable_bytes:,} B) | "
+            f"frozen {self.frozen:,} ({self.frozen_bytes:,} B) | total {self.total:,}"
+        )
+        return "\n".join(lines)
+
+
+def summary(tree: Any) -> Summary:
+    """Counts trainable and frozen parameters of a wrapped tree, per adapted kernel.
+
+    Works on abstract trees (``jax.ShapeDtypeStruct`` leaves) as well, for planning.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> lp = lorax.wrap({"dense": {"kernel": jnp.ones((16, 8))}}, rank=2)
+        >>> s = lorax.summary(lp)
+        >>> s.trainable, s.frozen
+        (48, 128)
+        >>> print(s)
+        path          shape  rank  scale  params
+        ------------  -----  ----  -----  ------
+        dense/kernel  16x8   2     4      48
+        trainable 48 (27.273%, 192 B) | frozen 128 (512 B) | total 176
+    """
+    counts = {"trainable": [0, 0], "frozen": [0, 0]}
+    adapted, full = [], []
+
+    def add(kind: str, x: Any) -> None:
+        size, nbytes = _size_bytes(x)
+        counts[kind][0] += size
+        counts[kind][1] += nbytes
+
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
+        if isinstance(leaf, LoRA):
+            add("frozen", leaf.w)
+            add("trainable", leaf.a)
+            add("trainable", leaf.b)
+            factor_params = _size_bytes(leaf.a)[0] + _size_bytes(leaf.b)[0]
+            adapted.append(AdaptedKernel(leaf.path or path_str(keypath), tuple(leaf.shape),
+                                         leaf.rank, leaf.scale, factor_params))
+        elif isinstance(leaf, FullyTrained):
+            add("trainable", leaf.value)
+            full.append(path_str(keypath))
+        elif is_array_like(leaf):
+            add("frozen", leaf)
+    return Summary(counts["trainable"][0], counts["frozen"][0], counts["trainable"][1],
+                   counts["frozen"][1], tuple(adapted), tuple(full))

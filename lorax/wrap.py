@@ -1,0 +1,296 @@
+"""`lorax.wrap`: rewrite a parameter tree so selected kernels carry trainable low-rank factors."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax.node import FullyTrained, LoRA, is_array_like, is_node, unbox
+from lorax.paths import PathSelector, Selector, first_match, hint, path_str, unmatched_keys
+
+INITS = ("kaiming", "gaussian")
+# Flax attention projections (Linen MultiHeadDotProductAttention, NNX MultiHeadAttention) keep
+# q/k/v kernels as (features, heads, head_dim): one input axis. Everything else defaults to
+# "all axes but the last are inputs" (Dense, Conv, Embed, the attention output projection).
+_QKV_KERNEL = re.compile(r"(^|/)(query|key|value)/kernel$")
+
+
+def _is_float_array(leaf: Any) -> bool:
+    return is_array_like(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def default_in_axes(path: str, ndim: int) -> int:
+    """How many leading axes of an (unstacked) kernel are inputs when `in_axes` is not given.
+
+    Example:
+        >>> default_in_axes("layer_0/attention/query/kernel", 3)
+        1
+        >>> default_in_axes("layer_0/attention/out/kernel", 3), default_in_axes("conv/kernel", 4)
+        (2, 3)
+    """
+    if ndim >= 3 and _QKV_KERNEL.search(path):
+        return 1
+    return ndim - 1
+
+
+def _check_int(value: Any, argname: str, path: str | None, minimum: int) -> int:
+    where = f" at {path!r}" if path else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"expected `{argname}` to be an int >= {minimum}, got {value!r}{where}")
+    return int(value)
+
+
+def _check_alpha(value: Any, path: str | None) -> float:
+    where = f" at {path!r}" if path else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"expected `alpha` to be a positive number, got {value!r}{where}")
+    return float(value)
+
+
+def _leaf_key(key: jax.Array, path: str) -> jax.Array:
+    # A stable per-path key: factors do not depend on tree order or on which other leaves exist.
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _init_factors(w: Any, rank: int, n_stack: int, n_in: int, init: str, key, dtype):
+    shape = tuple(w.shape)
+    stack, ins, outs = shape[:n_stack], shape[n_stack : n_stack + n_in], shape[n_stack + n_in :]
+    a_shape, b_shape = (*stack, *ins, rank), (*stack, rank, *outs)
+    if isinstance(w, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a_shape, dtype), jax.ShapeDtypeStruct(b_shape, dtype)
+    if init == "kaiming":
+        # PEFT: kaiming_uniform_(A, a=sqrt(5)) on (r, fan_in) gives U(-1/sqrt(fan_in), ...).
+        bound = 1.0 / math.sqrt(math.prod(ins))
+        a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
+    else:
+        # PEFT's "gaussian": normal with standard deviation 1/r.
+        a = jax.random.normal(key, a_shape, jnp.float32) / rank
+    return a.astype(dtype), jnp.zeros(b_shape, dtype)
+
+
+def wrap(
+    params: Any,
+    rank: int = 8,
+    *,
+    targets: Selector = None,
+    exclude: Selector = None,
+    alpha: float = 8.0,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    in_axes: int | Mapping[str, int] | None = None,
+    stacked: Mapping[str, int] | None = None,
+    train: Selector = None,
+    init: str = "kaiming",
+    rslora: bool = False,
+    dropout: float = 0.0,
+    key: jax.Array | None = None,
+    dtype: Any = None,
+) -> Any:
+    """Replaces selected kernels of ``params`` with :class:`lorax.LoRA` nodes.
+
+    The function is pure: ``params`` is not modified, and every LoRA node holds the caller's
+    kernel array itself (no copy). ``b`` starts at zero, so the wrapped model computes exactly
+    what the base model computes until the factors are trained.
+
+    Args:
+        params: a Flax Linen ``params`` dict (or FrozenDict), an ``nnx.State``, or any pytree of
+            arrays; trees of ``jax.ShapeDtypeStruct`` give abstract factors.
+        rank: the default rank ``r``.
+        targets: which leaves to adapt. ``None`` selects every floating leaf named ``kernel``
+            with at least 2 dims (embedding tables only when targeted explicitly). A regex is
+            searched in the '/'-joined path; a list matches when any regex does; a callable
+            ``(path, leaf) -> bool``. Regexes that also match 1-D or integer leaves of a module
+            (its bias) skip them.
+        exclude: leaves never to adapt, in the same forms as ``targets``.
+        alpha: the LoRA alpha; ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with ``rslora``).
+        rank_pattern: ``{regex: rank}``; the first regex found in a path overrides ``rank``.
+        alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
+        in_axes: how many leading (non-stacked) axes of a kernel are inputs: an int for all, or
+            ``{regex: int}``. Default: 1 for Flax attention q/k/v kernels ``(d, heads,
+            head_dim)``, otherwise all axes but the last.
+        stacked: ``{regex: n}``: the first ``n`` axes index a stack of layers (``nn.scan``);
+            each layer gets its own factors.
+        train: leaves to fine-tune in full (PEFT's ``modules_to_save``), boxed as
+            :class:`lorax.FullyTrained`; they take precedence over ``targets``.
+        init: ``"kaiming"`` (``a`` uniform in ±1/sqrt(fan_in), as PEFT) or ``"gaussian"``
+            (``a`` normal with std ``1/r``); ``b`` is zero either way.
+        rslora: use rank-stabilised scaling ``alpha / sqrt(rank)``.
+        dropout: LoRA dropout rate on the adapter input, applied only when the
+            :func:`lorax.lora`-transformed function gets a ``lora_key``.
+        key: PRNG key for ``a``; ``None`` means ``jax.random.key(0)``. Each leaf's key is
+            derived from its path, so the same key gives bit-identical factors.
+        dtype: dtype of the factors; default the kernel's dtype.
+
+    Returns:
+        A tree of the same structure where each selected leaf is a :class:`lorax.LoRA` node and
+        each ``train`` leaf a :class:`lorax.FullyTrained` box.
+
+    Raises:
+        ValueError: for a bad argument, naming it and the offending path.
+        TypeError: for an argument of the wrong type.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorax
+        >>> params = {"dense": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}}
+        >>> lp = lorax.wrap(params, rank=4)
+        >>> node = lp["dense"]["kernel"]
+        >>> node.a.shape, node.b.shape, node.scale
+        ((16, 4), (4, 8), 2.0)
+        >>> node.w is params["dense"]["kernel"]
+        True
+    """
+    _check_int(rank, "rank", None, 1)
+    alpha = _check_alpha(alpha, None)
+    if init not in INITS:
+        raise ValueError(f"expected `init` to be one of {INITS}, got {init!r}")
+    if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"expected `dropout` to be a float in [0, 1), got {dropout!r}")
+    if not isinstance(rslora, bool | np.bool_):
+        raise TypeError(f"expected `rslora` to be a bool, got {type(rslora).__name__}")
+    if key is None:
+        key = jax.random.key(0)
+    if in_axes is not None and not isinstance(in_axes, Mapping):
+        _check_int(in_axes, "in_axes", None, 1)
+
+    target_sel = PathSelector(targets, "targets")
+    exclude_sel = PathSelector(exclude, "exclude")
+    train_sel = PathSelector(train, "train")
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
+    paths = [path_str(kp) for kp, _ in flat]
+    for path, (_, leaf) in zip(paths, flat, strict=True):
+        if is_node(leaf):
+            raise ValueError(
+                f"expected `params` without LoRA nodes, got an already wrapped leaf at {path!r}; "
+                "call lorax.unwrap (or lorax.merge) first"
+            )
+    arrays = [(p, leaf) for p, (_, leaf) in zip(paths, flat, strict=True) if is_array_like(leaf)]
+    array_paths = [p for p, _ in arrays]
+
+    # Which leaves are trained in full, which are adapted.
+    trained, adapted, exclude_hits = set(), [], set()
+    pattern_hits: dict[str, list[tuple[str, Any]]] = {}
+    for path, leaf in arrays:
+        if train_sel(path, leaf):
+            if not _is_float_array(leaf):
+                raise ValueError(
+                    f"expected `train` to select floating leaves, got {leaf.dtype} at {path!r}"
+                )
+            trained.add(path)
+            continue
+        excluded_by = exclude_sel.matching(path, leaf)
+        if excluded_by:
+            exclude_hits.update(excluded_by)
+            continue
+        if target_sel.is_none:
+            if path.rsplit("/", 1)[-1] == "kernel" and _is_float_array(leaf) and leaf.ndim >= 2:
+                adapted.append(path)
+            continue
+        hits = target_sel.matching(path, leaf)
+        for pattern in hits:
+            pattern_hits.setdefault(pattern, []).append((path, leaf))
+        if hits and _is_float_array(leaf) and leaf.ndim >= 2:
+            adapted.append(path)
+
+    for pattern in exclude_sel.patterns:
+        if pattern.pattern not in exclude_hits:
+            raise ValueError(
+                f"`exclude` pattern {pattern.pattern!r} matched no leaf; {hint(array_paths)}"
+            )
+    if not train_sel.is_none and not trained:
+        raise ValueError(f"`train` matched no leaf; {hint(array_paths)}")
+    for pattern in [p.pattern for p in target_sel.patterns] + (
+        ["<callable>"] if target_sel.fn else []
+    ):
+        hits = pattern_hits.get(pattern, [])
+        if not hits:
+            raise ValueError(f"`targets` pattern {pattern!r} matched no leaf; {hint(array_paths)}")
+        bad = [(p, x) for p, x in hits if not (_is_float_array(x) and x.ndim >= 2)]
+        if len(bad) == len(hits) or (pattern == "<callable>" and bad):
+            p, x = bad[0]
+            raise ValueError(
+                f"expected `targets` to select floating kernels with ndim >= 2, got "
+                f"{x.dtype}{list(x.shape)} at {p!r}"
+            )
+    if not adapted:
+        raise ValueError(f"no leaf was selected for adaptation; {hint(array_paths)}")
+    for argname, mapping in (
+        ("rank_pattern", rank_pattern),
+        ("alpha_pattern", alpha_pattern),
+        ("in_axes", in_axes if isinstance(in_axes, Mapping) else None),
+        ("stacked", stacked),
+    ):
+        missing = unmatched_keys(mapping, adapted, argname)
+        if missing:
+            raise ValueError(
+                f"`{argname}` pattern {missing[0]!r} matched no adapted leaf; adapted paths: "
+                + ", ".join(repr(p) for p in adapted[:8])
+            )
+
+    adapted_set = set(adapted)
+    new_leaves = []
+    for path, (_, leaf) in zip(paths, flat, strict=True):
+        if path in trained:
+            new_leaves.append(FullyTrained(leaf))
+        elif path in adapted_set:
+            new_leaves.append(
+                _adapt(path, leaf, rank, alpha, rank_pattern, alpha_pattern, in_axes, stacked,
+                       init, rslora, float(dropout), key, dtype)
+            )
+        else:
+            new_leaves.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, new_leaves)
+
+
+def _adapt(path, w, rank, alpha, rank_pattern, alpha_pattern, in_axes, stacked, init, rslora,
+           dropout, key, dtype) -> LoRA:
+    n_stack = first_match(stacked, path, "stacked") or 0
+    n_stack = _check_int(n_stack, "stacked", path, 0)
+    ndim = w.ndim - n_stack
+    if ndim < 2:
+        raise ValueError(
+            f"expected `stacked` to leave at least 2 kernel axes, got {n_stack} stacked axes of "
+            f"shape {list(w.shape)} at {path!r}"
+        )
+    n_in = in_axes if isinstance(in_axes, int) else first_match(in_axes, path, "in_axes")
+    n_in = default_in_axes(path, ndim) if n_in is None else _check_int(n_in, "in_axes", path, 1)
+    if n_in >= ndim:
+        raise ValueError(
+            f"expected `in_axes` < {ndim} (the kernel's non-stacked dims) so at least one output "
+            f"axis remains, got {n_in} for shape {list(w.shape)} at {path!r}"
+        )
+    r = first_match(rank_pattern, path, "rank_pattern")
+    r = rank if r is None else _check_int(r, "rank_pattern", path, 1)
+    fan_in = math.prod(w.shape[n_stack : n_stack + n_in])
+    fan_out = math.prod(w.shape[n_stack + n_in :])
+    if r > min(fan_in, fan_out):
+        raise ValueError(
+            f"expected `rank` <= min(in, out) = min({fan_in}, {fan_out}), got {r} at {path!r}"
+        )
+    a_ = first_match(alpha_pattern, path, "alpha_pattern")
+    a_ = alpha if a_ is None else _check_alpha(a_, path)
+    scale = a_ / math.sqrt(r) if rslora else a_ / r
+    factor_dtype = jnp.dtype(dtype) if dtype is not None else w.dtype
+    a, b = _init_factors(w, r, n_stack, n_in, init, _leaf_key(key, path), factor_dtype)
+    return LoRA(w=w, a=a, b=b, scale=scale, rank=r, n_stack=n_stack, n_in=n_in, path=path,
+                dropout=dropout)
+
+
+def unwrap(tree: Any) -> Any:
+    """Drops every adapter: LoRA nodes become their ``w``, boxes their value (no copies).
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> params = {"kernel": jnp.ones((4, 4))}
+        >>> lorax.unwrap(lorax.wrap(params, rank=2))["kernel"] is params["kernel"]
+        True
+    """
+    return jax.tree.map(unbox, tree, is_leaf=is_node)
