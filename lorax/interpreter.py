@@ -19,7 +19,7 @@ from typing import Any
 import jax
 from jax import lax
 from jax.extend.core import DropVar, Literal
-from jax.extend.core import primitives as P
+from jax.extend.core import primitives as prims
 
 from lorax.node import LoRA, is_array_like, is_lora, is_node, unbox
 from lorax.rules import RULES, LoRAValue
@@ -223,10 +223,10 @@ def _while(params, invals):
 
 
 _HIGHER_ORDER = {
-    P.jit_p: _inline("jaxpr"),
-    P.closed_call_p: _inline("call_jaxpr"),
-    P.remat_p: _remat,
-    P.scan_p: _scan,
-    P.cond_p: _cond,
-    P.while_p: _while,
+    prims.jit_p: _inline("jaxpr"),
+    prims.closed_call_p: _inline("call_jaxpr"),
+    prims.remat_p: _remat,
+    prims.scan_p: _scan,
+    prims.cond_p: _cond,
+    prims.while_p: _while,
 }

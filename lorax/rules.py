@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend.core import primitives as P
+from jax.extend.core import primitives as prims
 
 from lorax.node import LoRA
 
@@ -165,7 +165,7 @@ def dot_general_rule(invals, params):
     if low is None:
         return None
     operands = (x, v.base()) if side == 1 else (v.base(), x)
-    y = P.dot_general_p.bind(*operands, **params)
+    y = prims.dot_general_p.bind(*operands, **params)
     return y + low.astype(y.dtype)
 
 
@@ -185,10 +185,10 @@ def conv_rule(invals, params):
             contracted = [v.perm[d] for d in range(v.ndim) if d != out_feature]
             raise _split_error(v, "conv_general_dilated", contracted)
         return None
-    y = P.conv_general_dilated_p.bind(lhs, v.base(), **params)
+    y = prims.conv_general_dilated_p.bind(lhs, v.base(), **params)
     x = _dropout(lhs, v.key, node.dropout)
     a_kernel = _transpose(node.a.astype(x.dtype), v.perm)  # same layout, out features -> r
-    t = P.conv_general_dilated_p.bind(x, a_kernel, **{**params, "preferred_element_type": None})
+    t = prims.conv_general_dilated_p.bind(x, a_kernel, **{**params, "preferred_element_type": None})
     t = t * jnp.asarray(node.scale, t.dtype)
     feature = dn.out_spec[1]
     low = lax.dot_general(t, node.b.astype(t.dtype), (([feature], [0]), ([], [])),
@@ -209,11 +209,11 @@ def gather_rule(invals, params):
     indexed = set(dn.collapsed_slice_dims) | set(dn.start_index_map)
     if out_axis in indexed or params["slice_sizes"][out_axis] != v.shape[out_axis]:
         return None
-    y = P.gather_p.bind(v.base(), indices, **params)
+    y = prims.gather_p.bind(v.base(), indices, **params)
     a_view = _transpose(node.a, v.perm)
     slice_sizes = list(params["slice_sizes"])
     slice_sizes[out_axis] = node.rank
-    t = P.gather_p.bind(a_view, indices, **{**params, "slice_sizes": tuple(slice_sizes)})
+    t = prims.gather_p.bind(a_view, indices, **{**params, "slice_sizes": tuple(slice_sizes)})
     kept = [d for d in range(v.ndim) if d not in dn.collapsed_slice_dims]
     feature = dn.offset_dims[kept.index(out_axis)]
     t = _dropout(t, v.key, node.dropout) * jnp.asarray(node.scale, t.dtype)
@@ -273,12 +273,12 @@ def stop_gradient_rule(invals, params):
 
 
 RULES = {
-    P.dot_general_p: dot_general_rule,
-    P.conv_general_dilated_p: conv_rule,
-    P.gather_p: gather_rule,
-    P.transpose_p: transpose_rule,
-    P.convert_element_type_p: convert_rule,
-    P.reshape_p: reshape_rule,
-    P.copy_p: identity_rule,
-    P.stop_gradient_p: stop_gradient_rule,
+    prims.dot_general_p: dot_general_rule,
+    prims.conv_general_dilated_p: conv_rule,
+    prims.gather_p: gather_rule,
+    prims.transpose_p: transpose_rule,
+    prims.convert_element_type_p: convert_rule,
+    prims.reshape_p: reshape_rule,
+    prims.copy_p: identity_rule,
+    prims.stop_gradient_p: stop_gradient_rule,
 }
