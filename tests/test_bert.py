@@ -23,7 +23,7 @@ FIXTURE = pathlib.Path(bert.__file__).resolve().parent / "fixtures" / "minilm_re
 TINY = bert.BertConfig(
     vocab_size=11,
     hidden_size=6,
-    num_hidden_layers=2,
+    num_hidden_layers=1,
     num_attention_heads=3,
     intermediate_size=10,
     max_position_embeddings=7,
@@ -74,7 +74,7 @@ def _tiny_hf_state(config: bert.BertConfig, seed: int = 0) -> dict[str, np.ndarr
     shapes = bert.param_shapes(config)
     state = {
         row.torch_name: rng.standard_normal(
-            bert._torch_shape(row.kind, shapes[row.flax_path])
+            bert.torch_shape(row.kind, shapes[row.flax_path])
         ).astype(np.float32)
         for row in bert.hf_name_map(config)
     }
@@ -186,7 +186,7 @@ def test_conversions_round_trip(kind):
     rng = np.random.default_rng(0)
     row = next(row for row in bert.hf_name_map(TINY) if row.kind == kind)
     flax_shape = bert.param_shapes(TINY)[row.flax_path]
-    torch_array = rng.standard_normal(bert._torch_shape(kind, flax_shape)).astype(np.float32)
+    torch_array = rng.standard_normal(bert.torch_shape(kind, flax_shape)).astype(np.float32)
     flax_array = bert.to_flax(kind, torch_array, TINY)
     assert flax_array.shape == flax_shape
     np.testing.assert_array_equal(bert.to_torch(kind, flax_array, TINY), torch_array)
@@ -234,8 +234,8 @@ def test_loader_accepts_prefixes_and_gives_the_model_params(prefix):
     flat = traverse_util.flatten_dict(params, sep="/")
     assert {path: value.shape for path, value in flat.items()} == bert.param_shapes(TINY)
     assert all(value.dtype == np.float32 for value in flat.values())
-    query = params["encoder"]["layer_1"]["attention"]["query"]["kernel"]
-    torch_query = state[prefix + "encoder.layer.1.attention.self.query.weight"]
+    query = params["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+    torch_query = state[prefix + "encoder.layer.0.attention.self.query.weight"]
     np.testing.assert_array_equal(query, bert.to_flax("qkv", torch_query, TINY))
 
 
@@ -252,8 +252,10 @@ def test_loader_accepts_gamma_beta_layernorm_names():
 
 def test_loader_names_a_missing_tensor():
     state = _tiny_hf_state(TINY)
-    del state["encoder.layer.1.attention.self.value.bias"]
-    with pytest.raises(ValueError, match=r"missing tensor 'encoder\.layer\.1\.attention\.self"):
+    del state["encoder.layer.0.attention.self.value.bias"]
+    with pytest.raises(
+        ValueError, match=r"missing tensor 'encoder\.layer\.0\.attention\.self\.value\.bias'"
+    ):
         bert.params_from_hf_state_dict(state, TINY)
     with pytest.raises(ValueError, match="missing tensor 'embeddings.word_embeddings.weight'"):
         bert.params_from_hf_state_dict({"classifier.weight": np.zeros(2)}, TINY)
@@ -268,8 +270,8 @@ def test_loader_names_a_wrong_shape():
 
 def test_loader_rejects_tensors_the_config_does_not_have():
     state = _tiny_hf_state(TINY)
-    state["encoder.layer.2.output.dense.bias"] = np.zeros(6, np.float32)
-    with pytest.raises(ValueError, match="unexpected tensor 'encoder.layer.2.output.dense.bias'"):
+    state["encoder.layer.1.output.dense.bias"] = np.zeros(6, np.float32)
+    with pytest.raises(ValueError, match="unexpected tensor 'encoder.layer.1.output.dense.bias'"):
         bert.params_from_hf_state_dict(state, TINY)
 
 
