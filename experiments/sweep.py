@@ -105,9 +105,7 @@ def _plan(args, model, params, task) -> list[tuple[str, int | None, str | None]]
     import lorax
     from experiments import train
 
-    head = model.init(jax.random.key(args.seed), task.train.input_ids[:1],
-                      task.train.attention_mask[:1], task.train.input_ids[:1] * 0)["params"]
-    full = {"bert": params, "head": head["head"]}
+    full = with_head(model, params, args.seed)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), full)
     plan = []
     for targets in args.targets:
@@ -123,6 +121,40 @@ def _plan(args, model, params, task) -> list[tuple[str, int | None, str | None]]
             plan.append(("lora", rank, targets))
     plan += [(b, None, None) for b in args.baselines]
     return plan, full
+
+
+def with_head(model, params: Any, seed: int) -> dict[str, Any]:
+    """``{"bert": params, "head": <fresh Dense(1) params>}``, the head initialised from ``seed``."""
+    import jax
+    import numpy as np
+
+    ids = np.zeros((1, 4), np.int32)
+    head = model.init(jax.random.key(seed), ids, ids + 1, ids)["params"]["head"]
+    return {"bert": params, "head": head}
+
+
+def load_run(out: str, method: str, rank: int | None, targets: str | None) -> Any:
+    """Rebuilds a finished run's trained tree from ``out/adapters/<run>`` and the base model."""
+    import orbax.checkpoint as ocp
+
+    import lorax
+    from experiments import bert, train
+
+    name = run_name(method, rank, targets)
+    directory = os.path.abspath(os.path.join(out, "adapters", name))
+    config_path = os.path.join(out, "config.json")
+    if not os.path.isdir(directory) or not os.path.exists(config_path):
+        raise UsageError(f"no finished run {name!r} in {out}; run experiments.sweep first "
+                         f"(with --ranks {rank} --targets {targets})")
+    with open(config_path) as f:
+        config = json.load(f)
+    model, params, _ = bert.load_pretrained(max_length=config["max_length"])
+    cfg = train.TrainConfig(alpha=config["alpha"], rslora=config["rslora"], seed=config["seed"])
+    regressor = train.SentimentRegressor(model.config)
+    tree = train.build_tree(method, with_head(regressor, params, cfg.seed), rank, targets, cfg)
+    trainable, frozen = lorax.split(tree)
+    restored = ocp.StandardCheckpointer().restore(directory, trainable)
+    return lorax.combine(restored, frozen)
 
 
 def _config(args) -> dict[str, Any]:

@@ -86,15 +86,20 @@ def dense_params_jnp(tree: Any) -> Any:
     return jax.tree.map(fold, tree, is_leaf=lambda x: isinstance(x, lorax.LoRA | lorax.FullyTrained))
 
 
-def perturb_b(tree: Any, key: jax.Array, std: float = 0.1) -> Any:
-    """Sets every LoRA ``b`` to ``std * normal`` (in b's dtype), a different key per node."""
-    counter = iter(range(1 << 30))
+def perturb_b(tree: Any, key: Any, std: float = 0.1) -> Any:
+    """Sets every LoRA ``b`` to ``std * normal`` (in b's dtype), different values per node.
+
+    ``key`` is a JAX PRNG key or an int seed. The values come from NumPy (no per-shape XLA
+    compiles), deterministically from ``key``.
+    """
+    if isinstance(key, jax.Array):
+        key = np.asarray(jax.random.key_data(key)).astype(np.uint32).tolist()
+    rng = np.random.default_rng(key)
 
     def go(x):
         if not lorax.is_lora(x):
             return x
-        k = jax.random.fold_in(key, next(counter))
-        b = (std * jax.random.normal(k, x.b.shape, jnp.float32)).astype(x.b.dtype)
+        b = jnp.asarray(std * rng.standard_normal(x.b.shape), jnp.float32).astype(x.b.dtype)
         return dataclasses.replace(x, b=b)
 
     return jax.tree.map(go, tree, is_leaf=lorax.is_lora)

@@ -1,0 +1,137 @@
+"""End-to-end tests of `python -m experiments.sweep` and `python -m experiments.analysis`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import analysis, sweep
+
+OUTPUTS = ("results.jsonl", "results.md", "metric_vs_rank.png", "metric_vs_params.png",
+           "training_curves.png", "config.json")
+REQUIRED_KEYS = {"run", "method", "rank", "targets", "trainable_params", "test", "step_time_s",
+                 "wall_s"}
+
+
+def _records(out):
+    with open(os.path.join(out, "results.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("quick"))
+    assert sweep.main(["--quick", "--out", out, "--no-progress"]) == 0
+    return out
+
+
+def test_quick_writes_every_output(quick_run):
+    for name in OUTPUTS:
+        path = os.path.join(quick_run, name)
+        assert os.path.getsize(path) > 0, name
+    records = _records(quick_run)
+    assert [r["run"] for r in records] == ["lora-r4-q+v", "lora-r4-all-linear", "head", "full"]
+    for r in records:
+        assert REQUIRED_KEYS <= set(r)
+        assert set(r["test"]) == {"pearson", "mse", "acc3"}
+        assert all(np.isfinite(v) for v in r["test"].values())
+        assert os.path.isdir(os.path.join(quick_run, "adapters", r["run"]))
+    by_run = {r["run"]: r for r in records}
+    # Independent parameter counts: MiniLM has 6 layers, d=384, FFN 1536; the head is 384 + 1.
+    d, ffn, head = 384, 1536, 385
+    assert by_run["lora-r4-q+v"]["trainable_params"] == 6 * 2 * 4 * (d + d) + head
+    assert by_run["lora-r4-all-linear"]["trainable_params"] == (
+        6 * (4 * 4 * (d + d) + 4 * (d + ffn) * 2) + head
+    )
+    assert by_run["head"]["trainable_params"] == head
+    assert by_run["full"]["trainable_params"] > 22_000_000
+    with open(os.path.join(quick_run, "results.md")) as f:
+        table = f.read()
+    assert all(r["run"] in table for r in records)
+
+
+def test_adapters_hold_no_base_weights(quick_run):
+    size = sum(os.path.getsize(os.path.join(root, f))
+               for root, _, files in os.walk(os.path.join(quick_run, "adapters", "lora-r4-q+v"))
+               for f in files)
+    factor_bytes = (6 * 2 * 4 * (384 + 384) + 385) * 4
+    assert size < 1.5 * factor_bytes + 64_000  # the 90 MB base is not in there
+
+
+def test_resume_skips_finished_runs(quick_run, capsys):
+    records = _records(quick_run)
+    # Drop one finished run: the rerun must redo exactly that one and keep the others.
+    with open(os.path.join(quick_run, "results.jsonl"), "w") as f:
+        for r in records:
+            if r["run"] != "head":
+                f.write(json.dumps(r) + "\n")
+    assert sweep.main(["--quick", "--out", quick_run, "--no-progress"]) == 0
+    rerun = _records(quick_run)
+    assert sorted(r["run"] for r in rerun) == sorted(r["run"] for r in records)
+    kept = {r["run"]: r["wall_s"] for r in rerun if r["run"] != "head"}
+    assert kept == {r["run"]: r["wall_s"] for r in records if r["run"] != "head"}
+    assert "(3 already done)" in capsys.readouterr().err
+
+
+def test_changed_settings_refuse_to_mix(quick_run, capsys):
+    assert sweep.main(["--quick", "--out", quick_run, "--lr", "0.5", "--no-progress"]) == 2
+    assert "different settings (lr)" in capsys.readouterr().err
+
+
+def test_analysis_on_quick_run(quick_run):
+    # Same run on both sides: every kernel's subspace similarity is 1 on the diagonal.
+    assert analysis.main(["--out", quick_run, "--ranks", "4", "4"]) == 0
+    with open(os.path.join(quick_run, "analysis.json")) as f:
+        report = json.load(f)
+    assert len(report["subspace_similarity"]) == 12  # q and v of 6 layers
+    for grid in report["subspace_similarity"].values():
+        np.testing.assert_allclose(np.diag(grid), 1.0, atol=1e-6)
+    for row in report["kernels"]:
+        assert row["delta_norm"] > 0 and np.isfinite(row["amplification"])
+    assert os.path.getsize(os.path.join(quick_run, "subspace_similarity.png")) > 0
+
+
+def test_analysis_missing_run_exits_2(tmp_path, capsys):
+    assert analysis.main(["--out", str(tmp_path)]) == 2
+    assert "run experiments.sweep first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--targets", "q,x"], "unknown target set 'q,x'"),
+        (["--ranks", "400", "--targets", "q"], "expected `rank` <= min(in, out)"),
+        (["--data", "/nonexistent/file.csv"], "/nonexistent/file.csv"),
+    ],
+)
+def test_bad_input_exits_2(tmp_path, capsys, argv, message):
+    assert sweep.main([*argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_wrong_column_exits_2(tmp_path, capsys):
+    table = tmp_path / "data.csv"
+    table.write_text("sentence,score\ngood,1\nbad,-1\n")
+    argv = ["--data", str(table), "--text-col", "text", "--label-col", "score"]
+    assert sweep.main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "text" in err and "sentence" in err  # names the missing and the available columns
+
+
+def test_bad_input_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", "--targets", "nope", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode == 2
+    assert "unknown target set" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_negative_rank_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        sweep.parse_args(["--ranks", "0"])
+    assert exc.value.code == 2
