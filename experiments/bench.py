@@ -74,6 +74,9 @@ MODELS = ("gpt", "minilm")
 RANK_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Ranks of the rank-scaling sweep (capped at the model's largest valid rank)."""
 
+QUICK_SWEEP = (1, 8, 64)
+"""Ranks of the sweep with ``--quick``."""
+
 SCALE_RANK = 8
 """Rank of the scale-planning runs."""
 
@@ -328,23 +331,35 @@ class Cost:
     alias_bytes: int
 
 
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+"""XLA options of cost-only compiles: LLVM code generation unoptimized (about twice as fast to
+compile). The HLO passes, hence XLA's cost and memory analysis, are unchanged."""
+
+
 def compile_step(
-    fn: Callable[..., Any], *args: Any, donate_argnums: Sequence[int] = ()
+    fn: Callable[..., Any], *args: Any, donate_argnums: Sequence[int] = (), fast: bool = False
 ) -> tuple[Any, Cost]:
     """Jits, lowers and compiles ``fn`` for ``args``; returns the executable and its :class:`Cost`.
 
-    A :class:`lorax.LoRAFallbackWarning` while tracing is raised as an error: the benchmark
+    ``args`` may be concrete or ``jax.ShapeDtypeStruct`` trees (only shapes matter). A
+    :class:`lorax.LoRAFallbackWarning` while tracing is raised as an error: the benchmark
     measures factorized compute and must not silently measure a materialized ``W + s·A·B``.
 
+    Args:
+        fn: The step function.
+        *args: Its arguments.
+        donate_argnums: Arguments whose buffers the step may reuse (as a training loop does).
+        fast: Compile with :data:`FAST_COMPILE` (for programs that are measured, never run).
+
     Example:
-        >>> _, cost = compile_step(lambda x: x @ x, jnp.ones((4, 4)))
+        >>> _, cost = compile_step(lambda x: x @ x, jnp.ones((4, 4)), fast=True)
         >>> cost.flops
         128.0
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", lorax.LoRAFallbackWarning)
         lowered = jax.jit(fn, donate_argnums=tuple(donate_argnums)).lower(*args)
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=FAST_COMPILE if fast else None)
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list | tuple):  # older JAX: one dict per partition
         analysis = analysis[0]
@@ -369,60 +384,70 @@ def tree_bytes(tree: Any) -> int:
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def factor_bytes(tree: Any) -> int:
+    """Bytes of the LoRA factors ``a`` and ``b`` of a wrapped tree (``train`` leaves excluded).
+
+    Example:
+        >>> factor_bytes(lorax.wrap({"kernel": jnp.ones((8, 4))}, rank=2))  # (8*2 + 2*4) * 4
+        96
+    """
+    nodes = [n for n in jax.tree.leaves(tree, is_leaf=lorax.is_lora) if lorax.is_lora(n)]
+    return tree_bytes([(n.a, n.b) for n in nodes])
+
+
+def abstract(tree: Any) -> Any:
+    """``tree`` with every array replaced by its ``jax.ShapeDtypeStruct``."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
 def copy_tree(tree: Any) -> Any:
-    """A copy of every array of ``tree`` in new buffers (so one may be donated)."""
+    """A copy of every array of ``tree`` in new buffers (so one of the two may be donated)."""
     return jax.tree.map(jnp.copy, tree)
 
 
-@dataclasses.dataclass
-class Setup:
-    """Everything one (workload, rank) measurement runs on: states and compiled steps."""
-
-    workload: Workload
-    steps: Steps
-    rank: int
-    lp: Any
-    costs: dict[str, Cost]
-    compiled: dict[str, Any]
-
-
-def lora_state(workload: Workload, steps: Steps, rank: int) -> tuple[Any, Any, Any, Any]:
-    """``(wrapped, trainable, frozen, opt_state)`` of a LoRA run at ``rank``."""
-    lp = workload.wrap(rank)
-    trainable, frozen = lorax.split(lp)
-    return lp, trainable, frozen, steps.tx_lora.init(trainable)
-
-
-def lora_cost(workload: Workload, steps: Steps, rank: int) -> tuple[Any, Cost]:
-    """Compiles the LoRA step at ``rank`` (trainable half and optimizer state donated)."""
-    _, trainable, frozen, opt_state = lora_state(workload, steps, rank)
+def lora_cost(workload: Workload, steps: Steps, rank: int, fast: bool = False):
+    """Compiles the LoRA step at ``rank`` on abstract arguments (trainable half and optimizer
+    state donated); returns ``(executable, Cost)``."""
+    trainable, frozen = lorax.split(lorax.wrap(abstract(workload.params), rank,
+                                               **workload.wrap_kwargs))
+    opt_state = jax.eval_shape(steps.tx_lora.init, trainable)
     return compile_step(steps.lora, trainable, frozen, opt_state, workload.batch,
-                        donate_argnums=(0, 2))
+                        donate_argnums=(0, 2), fast=fast)
 
 
 def base_costs(workload: Workload, steps: Steps) -> tuple[dict[str, Any], dict[str, Cost]]:
-    """Compiles the rank-independent programs: ``full``, ``frozen`` and ``base_forward``."""
-    params, batch = workload.params, workload.batch
+    """Compiles the rank-independent programs ``full``, ``frozen`` and ``base_forward``.
+
+    Returns:
+        ``({name: executable}, {name: Cost})``; the forward is compiled cost-only (``fast``).
+    """
+    params, batch = abstract(workload.params), workload.batch
     compiled, costs = {}, {}
     compiled["full"], costs["full"] = compile_step(
-        steps.full, params, steps.tx_full.init(params), batch, donate_argnums=(0, 1)
+        steps.full, params, jax.eval_shape(steps.tx_full.init, params), batch,
+        donate_argnums=(0, 1),
     )
     compiled["frozen"], costs["frozen"] = compile_step(steps.frozen, params, batch)
-    compiled["base_forward"], costs["base_forward"] = compile_step(steps.forward, params, batch)
+    compiled["base_forward"], costs["base_forward"] = compile_step(
+        steps.forward, params, batch, fast=True
+    )
     return compiled, costs
 
 
 def rank_costs(workload: Workload, steps: Steps, rank: int) -> tuple[dict[str, Any], dict]:
-    """Compiles the rank-dependent programs: ``lora``, ``merged_forward``, ``lora_forward``."""
-    lp = workload.wrap(rank)
+    """Compiles the rank-dependent programs ``lora``, ``merged_forward`` and ``lora_forward``.
+
+    ``merged_forward`` runs :func:`lorax.merge`'s output through the plain model; the merge
+    itself is not part of it (it happens once, before serving).
+    """
+    lp = lorax.wrap(abstract(workload.params), rank, **workload.wrap_kwargs)
     compiled, costs = {}, {}
     compiled["lora"], costs["lora"] = lora_cost(workload, steps, rank)
-    merged = jax.jit(lorax.merge)(lp)
     compiled["merged_forward"], costs["merged_forward"] = compile_step(
-        steps.forward, merged, workload.batch
+        steps.forward, jax.eval_shape(lorax.merge, lp), workload.batch, fast=True
     )
     compiled["lora_forward"], costs["lora_forward"] = compile_step(
-        steps.lora_forward, lp, workload.batch
+        steps.lora_forward, lp, workload.batch, fast=True
     )
     return compiled, costs
 
@@ -455,8 +480,8 @@ def flop_ratios(costs: dict[str, Cost]) -> dict[str, float]:
 def measure_flops(workload: Workload, rank: int) -> dict[str, Cost]:
     """Compiles all six programs of ``workload`` at ``rank`` and returns their costs.
 
-    The convenience entry point for tests; the benchmark itself compiles the rank-independent
-    programs once per model (:func:`base_costs`) and the others per rank (:func:`rank_costs`).
+    The benchmark itself compiles the rank-independent programs once per model
+    (:func:`base_costs`) and the others once per rank (:func:`rank_costs`); this is both.
     """
     steps = make_steps(workload)
     _, costs = base_costs(workload, steps)
@@ -514,29 +539,45 @@ def wall_summary(times: dict[str, list[float]]) -> dict[str, float]:
     }
 
 
-def time_steps(setup: Setup, steps: int, warmup: int) -> dict[str, float]:
-    """Runs the compiled LoRA, full and frozen steps interleaved; see :func:`wall_summary`."""
-    workload, batch = setup.workload, setup.workload.batch
-    _, trainable, frozen, lora_opt = lora_state(workload, setup.steps, setup.rank)
-    full_params = copy_tree(workload.params)  # the full step donates its params
-    full_opt = setup.steps.tx_full.init(full_params)
-    state = {"lora": (trainable, lora_opt), "full": (full_params, full_opt)}
+def time_steps(
+    workload: Workload, steps: Steps, lp: Any, compiled: dict[str, Any], rounds: int, warmup: int
+) -> dict[str, float]:
+    """Runs the compiled LoRA, full and frozen steps interleaved; see :func:`wall_summary`.
+
+    Args:
+        workload: The model.
+        steps: Its step functions (for the optimizers' ``init``).
+        lp: The concrete wrapped params (not modified: the donated halves are copies).
+        compiled: Executables ``"lora"``, ``"full"`` and ``"frozen"`` (see :func:`base_costs`,
+            :func:`rank_costs`).
+        rounds: Timed rounds.
+        warmup: Untimed rounds first.
+    """
+    batch = workload.batch
+    trainable, frozen = lorax.split(lp)
+    trainable = copy_tree(trainable)  # donated below
+    full_params = copy_tree(workload.params)
+    state = {
+        "lora": (trainable, steps.tx_lora.init(trainable)),
+        "full": (full_params, steps.tx_full.init(full_params)),
+    }
 
     def run_lora() -> Any:
-        t, o, loss = setup.compiled["lora"](*state["lora"][:1], frozen, state["lora"][1], batch)
+        t, o = state["lora"]
+        t, o, loss = compiled["lora"](t, frozen, o, batch)
         state["lora"] = (t, o)
         return t, o, loss
 
     def run_full() -> Any:
-        p, o, loss = setup.compiled["full"](*state["full"], batch)
+        p, o, loss = compiled["full"](*state["full"], batch)
         state["full"] = (p, o)
         return p, o, loss
 
     def run_frozen() -> Any:
-        return setup.compiled["frozen"](workload.params, batch)
+        return compiled["frozen"](workload.params, batch)
 
     runners = {"lora": run_lora, "full": run_full, "frozen": run_frozen}
-    return wall_summary(interleaved_wall(runners, steps, warmup))
+    return wall_summary(interleaved_wall(runners, rounds, warmup))
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,7 +650,8 @@ def worker_main(kind: str, model: str, rank: int, steps: int, quick: bool) -> di
     fns = make_steps(workload)
     batch = workload.batch
     if kind == "lora":
-        _, trainable, frozen, opt_state = lora_state(workload, fns, rank)
+        trainable, frozen = lorax.split(workload.wrap(rank))
+        opt_state = fns.tx_lora.init(trainable)
         step = jax.jit(fns.lora, donate_argnums=(0, 2))
         for _ in range(steps + 1):
             trainable, opt_state, loss = step(trainable, frozen, opt_state, batch)
@@ -705,11 +747,6 @@ def plan_scale(name: str, targets: str, rank: int = SCALE_RANK) -> dict[str, Any
     start = time.perf_counter()
     lp, opt_state = jax.eval_shape(plan, tree)
     seconds = time.perf_counter() - start
-    repeats = []
-    for _ in range(2):
-        start = time.perf_counter()
-        jax.eval_shape(plan, tree)
-        repeats.append(time.perf_counter() - start)
     live_after = len(jax.live_arrays())
     summary = lorax.summary(lp)
     return {
@@ -726,7 +763,6 @@ def plan_scale(name: str, targets: str, rank: int = SCALE_RANK) -> dict[str, Any
         "optstate_bytes_lora": tree_bytes(opt_state),
         "optstate_bytes_full": optstate_bytes(optax.adam(LEARNING_RATE), tree),
         "wrap_init_s": seconds,
-        "wrap_init_s_best": min([seconds, *repeats]),
         "live_arrays_delta": live_after - live_before,
     }
 
@@ -744,8 +780,7 @@ def max_rank(workload: Workload) -> int:
         >>> max_rank(gpt_workload(config, batch_size=1))
         8
     """
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workload.params)
-    lp = lorax.wrap(abstract, 1, **workload.wrap_kwargs)
+    lp = lorax.wrap(abstract(workload.params), 1, **workload.wrap_kwargs)
     kernels = [n for n in jax.tree.leaves(lp, is_leaf=lorax.is_lora) if lorax.is_lora(n)]
     return min(min(math.prod(n.in_shape), math.prod(n.out_shape)) for n in kernels)
 
@@ -771,11 +806,12 @@ def rank_sweep(
     rows = []
     for rank in ranks:
         progress(f"{workload.name} sweep r={rank}")
-        _, cost = lora_cost(workload, steps, rank)
+        _, cost = lora_cost(workload, steps, rank, fast=True)
+        lp = lorax.wrap(abstract(workload.params), rank, **workload.wrap_kwargs)
         rows.append({
             "model": workload.name,
             "rank": rank,
-            "trainable_params": lorax.summary(workload.wrap(rank)).trainable,
+            "trainable_params": lorax.summary(lp).trainable,
             "flops_lora": cost.flops,
             "lora_over_frozen_flops": cost.flops / frozen_flops,
             "lora_over_full_flops": cost.flops / full_flops,
@@ -847,7 +883,6 @@ def bench_model(
     fns = make_steps(workload)
     progress(f"{workload.name}: compile full/frozen/forward")
     base_compiled, base = base_costs(workload, fns)
-    params_bytes = tree_bytes(workload.params)
     progress(f"{workload.name}: checkpoint full params")
     ckpt_full = checkpoint_bytes(workload.params)
     rss_common: dict[str, int | None] = {"peak_rss_init": None, "peak_rss_full": None}
@@ -862,13 +897,13 @@ def bench_model(
         progress(f"{workload.name} r={rank}: compile lora/merged")
         compiled, more = rank_costs(workload, fns, rank)
         costs = {**base, **more}
-        setup = Setup(workload, fns, rank, None, costs, {**base_compiled, **compiled})
-        progress(f"{workload.name} r={rank}: wall time ({steps} rounds)")
-        wall = time_steps(setup, steps, warmup)
         lp = workload.wrap(rank)
-        summary = lorax.summary(lp)
         trainable = lorax.split(lp)[0]
+        summary = lorax.summary(lp)
         progress(f"{workload.name} r={rank}: checkpoint adapter")
+        ckpt = checkpoint_bytes(trainable)
+        progress(f"{workload.name} r={rank}: wall time ({steps} rounds)")
+        wall = time_steps(workload, fns, lp, {**base_compiled, **compiled}, steps, warmup)
         row: dict[str, Any] = {
             "model": workload.name,
             "rank": rank,
@@ -877,15 +912,14 @@ def bench_model(
             "total_params": summary.total,
             "trainable_params": summary.trainable,
             "trainable_fraction": summary.trainable / summary.total,
-            "params_bytes": params_bytes,
-            "factor_bytes": tree_bytes([(n.a, n.b) for n in jax.tree.leaves(
-                lp, is_leaf=lorax.is_lora) if lorax.is_lora(n)]),
+            "params_bytes": tree_bytes(workload.params),
+            "factor_bytes": factor_bytes(lp),
             "trainable_bytes": summary.trainable_bytes,
             **flop_ratios(costs),
             **wall,
             "optstate_bytes_lora": optstate_bytes(fns.tx_lora, trainable),
             "optstate_bytes_full": optstate_bytes(fns.tx_full, workload.params),
-            "ckpt_bytes": checkpoint_bytes(trainable),
+            "ckpt_bytes": ckpt,
             "ckpt_bytes_full": ckpt_full,
         }
         for name, cost in costs.items():
@@ -996,7 +1030,7 @@ def render_markdown(
           f"{fmt_count(p['trainable_params'])} ({100 * p['trainable_fraction']:.3f}%)",
           fmt_bytes(p["adapter_bytes"]),
           f"{fmt_bytes(p['optstate_bytes_lora'])} / {fmt_bytes(p['optstate_bytes_full'])}",
-          f"{p['wrap_init_s']:.3f} (best {p['wrap_init_s_best']:.3f})",
+          f"{p['wrap_init_s']:.3f}",
           p["live_arrays_delta"]] for p in scale["scale_planning"]],
     )
     for model in sorted({row["model"] for row in scale["rank_scaling"]}):
@@ -1062,8 +1096,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", type=_models, default=None,
                         help="comma-separated subset of gpt,minilm (default: both; gpt with "
                         "--quick)")
-    parser.add_argument("--no-rss", dest="rss", action="store_false",
-                        help="skip the peak-RSS subprocesses")
+    parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure peak RSS in subprocesses (default: on; off with --quick)")
     parser.add_argument("--_worker", choices=WORKER_KINDS, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -1077,6 +1111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = args.steps or (3 if quick else 10)
     warmup = 1 if quick else 2
     models = args.models or (["gpt"] if quick else list(MODELS))
+    rss = (not quick) if args.rss is None else args.rss
 
     if args._worker is not None:
         if len(models) != 1 or len(ranks) != 1:
@@ -1106,10 +1141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar.update(1)
 
         for workload in workloads:
-            rows, base = bench_model(workload, ranks, steps, warmup, args.rss, quick, progress)
+            rows, base = bench_model(workload, ranks, steps, warmup, rss, quick, progress)
             results += rows
             if workload.name == "gpt":
-                sweep_ranks = [r for r in RANK_SWEEP if r <= max_rank(workload)]
+                sweep_ranks = [r for r in (QUICK_SWEEP if quick else RANK_SWEEP)
+                               if r <= max_rank(workload)]
                 sweep += rank_sweep(workload, sweep_ranks, base["frozen"].flops,
                                     base["full"].flops)
         planning = []

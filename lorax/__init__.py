@@ -14,6 +14,8 @@ Wrap a parameter tree, transform the function that consumes it, train the factor
 True
 """
 
+from lorax import analysis
+from lorax.checkpoint import CheckpointManager, CheckpointMismatchError, restore, save
 from lorax.interpreter import lora
 from lorax.merge import merge, unmerge
 from lorax.node import FullyTrained, LoRA, is_lora
@@ -26,15 +28,20 @@ from lorax.wrap import unwrap, wrap
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager",
+    "CheckpointMismatchError",
     "FullyTrained",
     "LoRA",
     "LoRAFallbackWarning",
     "Summary",
+    "analysis",
     "combine",
     "is_lora",
     "lora",
     "merge",
     "optimizer",
+    "restore",
+    "save",
     "split",
     "summary",
     "trainable",

@@ -108,6 +108,27 @@ class PathSelector:
             return ["<callable>"] if result else []
         return [p.pattern for p in self.patterns if p.search(path)]
 
+    def naming(self, path: str, leaf: Any, kernel_names: tuple[str, ...]) -> list[str]:
+        """Like :meth:`matching`, but a regex selects a leaf only when the leaf is named in
+        ``kernel_names`` or the match reaches into the leaf's own name.
+
+        So ``"query"`` selects 'attn/query/kernel' but not 'attn/query/bias', while
+        ``"query/bias"`` or ``"w$"`` name their leaves explicitly.
+
+        Example:
+            >>> sel = PathSelector("query", "targets")
+            >>> sel.naming("q/query/kernel", None, ("kernel",)), sel.naming("query/bias", None, ())
+            (['query'], [])
+        """
+        if self.fn is not None:
+            return self.matching(path, leaf)
+        leaf_start = path.rfind("/") + 1
+        named = path[leaf_start:] in kernel_names
+        return [
+            p.pattern for p in self.patterns
+            if any(named or m.end() > leaf_start for m in p.finditer(path))
+        ]
+
     def __call__(self, path: str, leaf: Any) -> bool:
         return bool(self.matching(path, leaf))
 

@@ -17,6 +17,9 @@ from lorax.node import FullyTrained, LoRA, is_array_like, is_node, unbox
 from lorax.paths import PathSelector, Selector, first_match, hint, path_str, unmatched_keys
 
 INITS = ("kaiming", "gaussian")
+# Leaf names that regex `targets` select by their module's path alone (Flax's names for
+# Dense/Conv/Einsum kernels and Embed tables); other leaves must be named by the regex itself.
+KERNEL_NAMES = ("kernel", "embedding")
 # Flax attention projections (Linen MultiHeadDotProductAttention, NNX MultiHeadAttention) keep
 # q/k/v kernels as (features, heads, head_dim): one input axis. Everything else defaults to
 # "all axes but the last are inputs" (Dense, Conv, Embed, the attention output projection).
@@ -107,8 +110,9 @@ def wrap(
         targets: which leaves to adapt. ``None`` selects every floating leaf named ``kernel``
             with at least 2 dims (embedding tables only when targeted explicitly). A regex is
             searched in the '/'-joined path; a list matches when any regex does; a callable
-            ``(path, leaf) -> bool``. Regexes that also match 1-D or integer leaves of a module
-            (its bias) skip them.
+            ``(path, leaf) -> bool``. A regex selects the ``kernel``/``embedding`` leaves under
+            the paths it matches (so ``"query"`` adapts a module's kernel, not its bias); any
+            other leaf is selected only when the regex reaches into its name (``"w_q$"``).
         exclude: leaves never to adapt, in the same forms as ``targets``.
         alpha: the LoRA alpha; ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with ``rslora``).
         rank_pattern: ``{regex: rank}``; the first regex found in a path overrides ``rank``.
@@ -194,7 +198,7 @@ def wrap(
             if path.rsplit("/", 1)[-1] == "kernel" and _is_float_array(leaf) and leaf.ndim >= 2:
                 adapted.append(path)
             continue
-        hits = target_sel.matching(path, leaf)
+        hits = target_sel.naming(path, leaf, KERNEL_NAMES)
         for pattern in hits:
             pattern_hits.setdefault(pattern, []).append((path, leaf))
         if hits and _is_float_array(leaf) and leaf.ndim >= 2:

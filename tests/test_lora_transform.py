@@ -347,24 +347,24 @@ def _to_bf16(tree):
 def test_bf16_lora_matches_merged_forward(case):
     params16 = _to_bf16(case.params)
     args16 = _to_bf16(case.args)
-    lp = _perturbed(case, params16)
+    lp = perturb_b(_wrap(case, params16), jax.random.key(7), std=0.3)
     assert all(n.a.dtype == n.b.dtype == jnp.bfloat16 for n in lora_nodes(lp))
     y = np.asarray(jax.jit(lorax.lora(case.fn))(lp, *args16), np.float64)
     y_merged = np.asarray(jax.jit(case.fn)(lorax.merge(lp), *args16), np.float64)
     y_base = np.asarray(jax.jit(case.fn)(params16, *args16), np.float64)
     # bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 0.002). The two paths differ by one
-    # bf16 rounding of the merged kernel and by bf16 roundings of the separate x@W and
-    # (x@a)@b products before their sum; each rounding is relative to the size of the terms
-    # summed, so the error of an element is a few ulps of the element or of the typical
-    # (rms) output size, whichever is larger: through a few layers that stays well under
-    # 2% of either. A wrong delta (a missing scale, a transposed factor) moves the output by
-    # the adapter's own size, and the check below requires that to exceed the tolerance
-    # several times over somewhere, so the comparison has power.
-    rms = float(np.sqrt(np.mean(y_merged**2)))
-    tol = 2e-2 * (np.abs(y_merged) + rms)
+    # bf16 rounding of the merged kernel and by bf16 roundings of the separate x@W, x@a and
+    # (x@a)@b products and of their sum; each rounding is relative to the terms summed, and
+    # attention's softmax amplifies logit errors, so an element's error is a few ulps of the
+    # output's scale (its max) plus of the element itself. 2% of each leaves a margin of >2x
+    # on every case here (measured: the worst error is ~0.4 of the tolerance, MHA and scan).
+    # A wrong delta (a missing scale, a transposed factor) moves the output by the adapter's
+    # own size; the check below requires that to exceed the tolerance several times over
+    # somewhere, so the comparison has power (b ~ N(0, 0.3^2) makes the adapter large enough).
+    tol = 2e-2 * np.max(np.abs(y_merged)) + 2e-2 * np.abs(y_merged)
     assert np.any(np.abs(y_merged - y_base) > 3 * tol), "perturbation too small to detect"
     assert np.all(np.abs(y - y_merged) <= tol), (
-        f"max error {np.max(np.abs(y - y_merged)):.4g}, rms output {rms:.4g}"
+        f"max error/tolerance {np.max(np.abs(y - y_merged) / tol):.3g}"
     )
 
 
