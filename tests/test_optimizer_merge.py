@@ -72,8 +72,11 @@ def _step(tx, tree, state):
 
 
 def test_identity_at_init(params, lp):
-    np.testing.assert_array_equal(np.asarray(jax.jit(lorax.lora(forward))(lp, X)),
-                                  np.asarray(jax.jit(forward)(params, X)))
+    # b = 0, so the adapter adds exact zeros; XLA may still fuse the two programs differently.
+    np.testing.assert_allclose(np.asarray(jax.jit(lorax.lora(forward))(lp, X)),
+                               np.asarray(jax.jit(forward)(params, X)), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(lorax.lora(forward)(lp, X)),
+                                  np.asarray(forward(params, X)))
 
 
 def test_trainable_mask(lp):
@@ -186,8 +189,8 @@ def test_merge_bf16_base_rounds_once_exact():
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.standard_normal((16, 8)), jnp.bfloat16)
     node = lora_nodes(lorax.wrap({"kernel": w}, rank=4, alpha=8.0, dtype=jnp.float32))[0]
-    a = rng.integers(-8, 9, (16, 4)) / 16.0
-    b = rng.integers(-8, 9, (4, 8)) / 64.0
+    a = rng.integers(-255, 256, (16, 4)) / 256.0  # 8-bit mantissas: ab needs ~18 bits
+    b = rng.integers(-255, 256, (4, 8)) / 256.0
     node = dataclasses.replace(node, a=jnp.asarray(a, jnp.float32),
                                b=jnp.asarray(b, jnp.float32))
     merged = lorax.merge({"kernel": node})["kernel"]
