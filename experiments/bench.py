@@ -81,7 +81,13 @@ SCALE_RANK = 8
 """Rank of the scale-planning runs."""
 
 LEARNING_RATE = 1e-3
+
 WORKER_KINDS = ("init", "lora", "full")
+"""What a ``--_worker`` subprocess does: build the model only, or also train (LoRA or full)."""
+
+RSS_STEPS = 3
+"""Training steps of a ``--_worker`` run (after one warm-up step); peak memory is reached in
+the first."""
 
 QUICK_GPT = gpt.GPTConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, d_ff=512,
                           max_len=32)
@@ -105,6 +111,8 @@ class Workload:
         forward: ``(params, batch) -> outputs``, the inference forward pass.
         wrap_kwargs: Extra keyword arguments of :func:`lorax.wrap` (e.g. a ``train`` head).
         shapes: A description of the shapes, recorded in the results.
+        config: The model's config (:class:`experiments.gpt.GPTConfig` or
+            :class:`experiments.bert.BertConfig`).
     """
 
     name: str
@@ -115,6 +123,7 @@ class Workload:
     forward: Callable[[Any, tuple[Any, ...]], Any]
     wrap_kwargs: dict[str, Any]
     shapes: dict[str, Any]
+    config: Any = None
 
     def loss(self, params: Any, batch: tuple[Any, ...]) -> jax.Array:
         """The training loss, ``body_loss(params, embed(params, batch), batch)``."""
@@ -126,21 +135,29 @@ class Workload:
 
 
 def gpt_workload(
-    config: gpt.GPTConfig = gpt.GPTConfig(), batch_size: int = 8, seed: int = 0  # noqa: B008
+    config: gpt.GPTConfig = gpt.GPTConfig(),  # noqa: B008
+    batch_size: int = 8,
+    seed: int = 0,
+    abstract_params: bool = False,
 ) -> Workload:
     """The GPT decoder on a random next-token batch of ``(batch_size, config.max_len)``.
 
     Every kernel is adapted, the vocabulary head included; embeddings stay frozen.
 
+    Args:
+        config: The model's shapes.
+        batch_size: Sequences per batch.
+        seed: Seed of the parameters and the batch.
+        abstract_params: ``jax.ShapeDtypeStruct`` params: enough for FLOP counts
+            (:func:`measure_flops`), not for running steps.
+
     Example:
-        >>> config = gpt.GPTConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, d_ff=16,
-        ...                        max_len=4)
-        >>> w = gpt_workload(config, batch_size=2)
-        >>> w.embed(w.params, w.batch).shape, w.loss(w.params, w.batch).shape
-        ((2, 4, 8), ())
+        >>> w = gpt_workload(batch_size=2, abstract_params=True)
+        >>> jax.eval_shape(w.embed, w.params, w.batch).shape
+        (2, 128, 512)
     """
     init_key, data_key = jax.random.split(jax.random.key(seed))
-    model, params = gpt.init(config, init_key)
+    model, params = gpt.init(config, init_key, abstract=abstract_params)
     batch = gpt.random_batch(config, data_key, batch_size)
 
     def embed(params: Any, batch: tuple[Any, ...]) -> jax.Array:
@@ -154,7 +171,7 @@ def gpt_workload(
         return model.apply({"params": params}, batch[0])
 
     shapes = {**dataclasses.asdict(config), "batch": batch_size, "seq": config.max_len}
-    return Workload("gpt", params, batch, embed, body_loss, forward, {}, shapes)
+    return Workload("gpt", params, batch, embed, body_loss, forward, {}, shapes, config)
 
 
 def minilm_workload(
@@ -226,7 +243,7 @@ def minilm_workload(
         "pretrained": pretrained,
     }
     return Workload("minilm", params, batch, embed, body_loss, forward,
-                    {"train": "^head/"}, shapes)
+                    {"train": "^head/"}, shapes, config)
 
 
 def make_workload(name: str, quick: bool = False) -> Workload:
@@ -415,26 +432,36 @@ def lora_cost(workload: Workload, steps: Steps, rank: int, fast: bool = False):
                         donate_argnums=(0, 2), fast=fast)
 
 
-def base_costs(workload: Workload, steps: Steps) -> tuple[dict[str, Any], dict[str, Cost]]:
+def base_costs(
+    workload: Workload, steps: Steps, fast: bool = False
+) -> tuple[dict[str, Any], dict[str, Cost]]:
     """Compiles the rank-independent programs ``full``, ``frozen`` and ``base_forward``.
 
+    Args:
+        workload: The model.
+        steps: Its step functions.
+        fast: Compile the steps with :data:`FAST_COMPILE` too (the forward always is: it is
+            measured, never run).
+
     Returns:
-        ``({name: executable}, {name: Cost})``; the forward is compiled cost-only (``fast``).
+        ``({name: executable}, {name: Cost})``.
     """
     params, batch = abstract(workload.params), workload.batch
     compiled, costs = {}, {}
     compiled["full"], costs["full"] = compile_step(
         steps.full, params, jax.eval_shape(steps.tx_full.init, params), batch,
-        donate_argnums=(0, 1),
+        donate_argnums=(0, 1), fast=fast,
     )
-    compiled["frozen"], costs["frozen"] = compile_step(steps.frozen, params, batch)
+    compiled["frozen"], costs["frozen"] = compile_step(steps.frozen, params, batch, fast=fast)
     compiled["base_forward"], costs["base_forward"] = compile_step(
         steps.forward, params, batch, fast=True
     )
     return compiled, costs
 
 
-def rank_costs(workload: Workload, steps: Steps, rank: int) -> tuple[dict[str, Any], dict]:
+def rank_costs(
+    workload: Workload, steps: Steps, rank: int, fast: bool = False
+) -> tuple[dict[str, Any], dict]:
     """Compiles the rank-dependent programs ``lora``, ``merged_forward`` and ``lora_forward``.
 
     ``merged_forward`` runs :func:`lorax.merge`'s output through the plain model; the merge
@@ -442,7 +469,7 @@ def rank_costs(workload: Workload, steps: Steps, rank: int) -> tuple[dict[str, A
     """
     lp = lorax.wrap(abstract(workload.params), rank, **workload.wrap_kwargs)
     compiled, costs = {}, {}
-    compiled["lora"], costs["lora"] = lora_cost(workload, steps, rank)
+    compiled["lora"], costs["lora"] = lora_cost(workload, steps, rank, fast=fast)
     compiled["merged_forward"], costs["merged_forward"] = compile_step(
         steps.forward, jax.eval_shape(lorax.merge, lp), workload.batch, fast=True
     )
@@ -484,8 +511,8 @@ def measure_flops(workload: Workload, rank: int) -> dict[str, Cost]:
     (:func:`base_costs`) and the others once per rank (:func:`rank_costs`); this is both.
     """
     steps = make_steps(workload)
-    _, costs = base_costs(workload, steps)
-    _, more = rank_costs(workload, steps, rank)
+    _, costs = base_costs(workload, steps, fast=True)
+    _, more = rank_costs(workload, steps, rank, fast=True)
     return {**costs, **more}
 
 
@@ -628,7 +655,7 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def run_worker(kind: str, model: str, rank: int, steps: int, quick: bool) -> int:
+def run_worker(kind: str, model: str, rank: int, quick: bool, steps: int = RSS_STEPS) -> int:
     """Peak RSS in bytes of a fresh ``python -m experiments.bench --_worker KIND`` process.
 
     ``init`` builds the model and batch only; ``lora`` and ``full`` then run ``steps`` training
@@ -692,8 +719,8 @@ def llama_shapes(
         >>> tree = llama_shapes(n_layers=2, d=8, ffn=16, kv=4, vocab=10)
         >>> tree["layers_1"]["self_attn"]["k_proj"]["kernel"].shape
         (8, 4)
-        >>> tree_bytes(tree)  # 2 * (8*8*2 + 8*4*2 + 3*8*16 + 2*8) + 2*10*8 + 8, bf16
-        2000
+        >>> tree_bytes(tree) // 2  # bf16: 2 layers * 592 + embed 80 + lm_head 80 + norm 8
+        1352
     """
     def leaf(*shape: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype)
@@ -771,22 +798,28 @@ def plan_scale(name: str, targets: str, rank: int = SCALE_RANK) -> dict[str, Any
 # Rank scaling
 
 
-def max_rank(workload: Workload) -> int:
-    """The largest rank every adapted kernel of ``workload`` accepts (``min(fan_in, fan_out)``).
+def max_rank(params: Any, **wrap_kwargs: Any) -> int:
+    """The largest rank every adapted kernel accepts: the least ``min(fan_in, fan_out)``.
+
+    Args:
+        params: A parameter tree (concrete or abstract).
+        **wrap_kwargs: Keyword arguments of :func:`lorax.wrap` (``targets``, ``train``...).
 
     Example:
-        >>> config = gpt.GPTConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, d_ff=16,
-        ...                        max_len=4)
-        >>> max_rank(gpt_workload(config, batch_size=1))
-        8
+        >>> max_rank({"a": {"kernel": jnp.ones((8, 6))}, "b": {"kernel": jnp.ones((4, 32))}})
+        4
     """
-    lp = lorax.wrap(abstract(workload.params), 1, **workload.wrap_kwargs)
+    lp = lorax.wrap(abstract(params), 1, **wrap_kwargs)
     kernels = [n for n in jax.tree.leaves(lp, is_leaf=lorax.is_lora) if lorax.is_lora(n)]
     return min(min(math.prod(n.in_shape), math.prod(n.out_shape)) for n in kernels)
 
 
 def rank_sweep(
-    workload: Workload, ranks: Sequence[int], frozen_flops: float, full_flops: float,
+    workload: Workload,
+    ranks: Sequence[int],
+    frozen_flops: float,
+    full_flops: float,
+    known: dict[int, float] | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
     """LoRA-step FLOPs at each rank, against the frozen floor and the full step.
@@ -796,25 +829,28 @@ def rank_sweep(
         ranks: The ranks (each at most :func:`max_rank`).
         frozen_flops: FLOPs of the frozen forward + input-gradient step.
         full_flops: FLOPs of the full fine-tuning step.
+        known: ``{rank: LoRA-step FLOPs}`` already measured (not compiled again).
         progress: Called with a label before each compile.
 
     Returns:
-        One dict per rank: ``rank``, ``trainable_params``, ``flops_lora``,
+        One dict per rank: ``model``, ``rank``, ``trainable_params``, ``flops_lora``,
         ``lora_over_frozen_flops``, ``lora_over_full_flops``.
     """
     steps = make_steps(workload)
+    known = dict(known or {})
     rows = []
     for rank in ranks:
-        progress(f"{workload.name} sweep r={rank}")
-        _, cost = lora_cost(workload, steps, rank, fast=True)
+        if rank not in known:
+            progress(f"{workload.name} sweep r={rank}")
+            known[rank] = lora_cost(workload, steps, rank, fast=True)[1].flops
         lp = lorax.wrap(abstract(workload.params), rank, **workload.wrap_kwargs)
         rows.append({
             "model": workload.name,
             "rank": rank,
             "trainable_params": lorax.summary(lp).trainable,
-            "flops_lora": cost.flops,
-            "lora_over_frozen_flops": cost.flops / frozen_flops,
-            "lora_over_full_flops": cost.flops / full_flops,
+            "flops_lora": known[rank],
+            "lora_over_frozen_flops": known[rank] / frozen_flops,
+            "lora_over_full_flops": known[rank] / full_flops,
         })
     return rows
 
@@ -882,20 +918,19 @@ def bench_model(
     """
     fns = make_steps(workload)
     progress(f"{workload.name}: compile full/frozen/forward")
-    base_compiled, base = base_costs(workload, fns)
+    base_compiled, base = base_costs(workload, fns, fast=quick)
     progress(f"{workload.name}: checkpoint full params")
     ckpt_full = checkpoint_bytes(workload.params)
     rss_common: dict[str, int | None] = {"peak_rss_init": None, "peak_rss_full": None}
     if rss:
-        progress(f"{workload.name}: peak RSS (init, full)")
-        rss_common = {
-            "peak_rss_init": run_worker("init", workload.name, ranks[0], steps, quick),
-            "peak_rss_full": run_worker("full", workload.name, ranks[0], steps, quick),
-        }
+        progress(f"{workload.name}: peak RSS (init)")
+        rss_common["peak_rss_init"] = run_worker("init", workload.name, ranks[0], quick)
+        progress(f"{workload.name}: peak RSS (full)")
+        rss_common["peak_rss_full"] = run_worker("full", workload.name, ranks[0], quick)
     rows = []
     for rank in ranks:
         progress(f"{workload.name} r={rank}: compile lora/merged")
-        compiled, more = rank_costs(workload, fns, rank)
+        compiled, more = rank_costs(workload, fns, rank, fast=quick)
         costs = {**base, **more}
         lp = workload.wrap(rank)
         trainable = lorax.split(lp)[0]
@@ -932,7 +967,7 @@ def bench_model(
         row["peak_rss_lora"] = None
         if rss:
             progress(f"{workload.name} r={rank}: peak RSS (lora)")
-            row["peak_rss_lora"] = run_worker("lora", workload.name, rank, steps, quick)
+            row["peak_rss_lora"] = run_worker("lora", workload.name, rank, quick)
         rows.append(row)
     return rows, base
 
@@ -1042,6 +1077,11 @@ def render_markdown(
               f"{row['lora_over_frozen_flops']:.3f}", f"{row['lora_over_full_flops']:.3f}"]
              for row in rows],
         )
+        costly = [row["rank"] for row in rows if row["lora_over_frozen_flops"] > 1.05]
+        if costly:
+            lines += ["", f"The low-rank term costs more than 5% over the frozen floor from "
+                      f"r = {costly[0]}."]
+    lines += [f"- {note}" for note in scale.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -1119,13 +1159,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(worker_main(args._worker, models[0], ranks[0], steps, quick)))
         return 0
 
-    workloads = []
+    start = time.perf_counter()
+    workloads, notes = [], []
     for name in models:
         try:
             workload = make_workload(name, quick)
-        except ImportError as err:
-            parser.error(f"model {name!r} is unavailable: {err}")
-        limit = max_rank(workload)
+        except (ImportError, FileNotFoundError) as err:
+            if args.models is not None:
+                parser.error(f"model {name!r} is unavailable: {err}")
+            notes.append(f"skipped {name}: {err}")
+            print(f"bench: {notes[-1]}", file=sys.stderr)
+            continue
+        limit = max_rank(workload.params, **workload.wrap_kwargs)
         bad = [r for r in ranks if r > limit]
         if bad:
             parser.error(f"rank {bad[0]} is too large for {name!r}: every adapted kernel needs "
@@ -1133,8 +1178,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         workloads.append(workload)
 
     machine = machine_info()
-    stages = len(workloads) * (3 + 4 * len(ranks)) + 4
-    results, sweep = [], []
+    sweeps = {
+        w.name: [r for r in (QUICK_SWEEP if quick else RANK_SWEEP)
+                 if r <= max_rank(w.params, **w.wrap_kwargs)]
+        for w in workloads if w.name == "gpt"
+    }
+    stages = (len(workloads) * (2 + 2 * rss + len(ranks) * (3 + rss))
+              + sum(len(set(rs) - set(ranks)) for rs in sweeps.values())
+              + len(LLAMA_SHAPES) * len(TARGET_SETS))
+    results, sweep, planning = [], [], []
     with tqdm(total=stages, file=sys.stderr, desc="bench", disable=None, leave=False) as bar:
         def progress(label: str) -> None:
             bar.set_description(label)
@@ -1143,12 +1195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for workload in workloads:
             rows, base = bench_model(workload, ranks, steps, warmup, rss, quick, progress)
             results += rows
-            if workload.name == "gpt":
-                sweep_ranks = [r for r in (QUICK_SWEEP if quick else RANK_SWEEP)
-                               if r <= max_rank(workload)]
-                sweep += rank_sweep(workload, sweep_ranks, base["frozen"].flops,
-                                    base["full"].flops)
-        planning = []
+            if workload.name in sweeps:
+                known = {row["rank"]: row["flops_lora"] for row in rows}
+                sweep += rank_sweep(workload, sweeps[workload.name], base["frozen"].flops,
+                                    base["full"].flops, known, progress)
         for name in LLAMA_SHAPES:
             for targets in TARGET_SETS:
                 progress(f"scale {name} {targets}")
@@ -1156,7 +1206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for row in results:
         row["machine"] = machine
-    scale = {"machine": machine, "scale_planning": planning, "rank_scaling": sweep}
+    scale = {"machine": machine, "scale_planning": planning, "rank_scaling": sweep,
+             "notes": notes, "elapsed_s": time.perf_counter() - start}
     report = render_markdown(results, scale, machine)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as handle:

@@ -158,21 +158,31 @@ class GPT(nn.Module):
         return self.decode(self.embed(tokens))
 
 
-def init(config: GPTConfig, key: jax.Array, batch_size: int = 1) -> tuple[GPT, dict[str, Any]]:
+def init(
+    config: GPTConfig, key: jax.Array, batch_size: int = 1, abstract: bool = False
+) -> tuple[GPT, dict[str, Any]]:
     """Builds a :class:`GPT` and its float32 ``params`` (the Linen ``"params"`` collection).
 
     Args:
         config: Architecture hyper-parameters.
         key: PRNG key for the initializers.
         batch_size: Batch size of the dummy input used for shape inference.
+        abstract: Return ``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape``; nothing is
+            computed or allocated) instead of arrays.
 
     Returns:
         ``(model, params)``.
+
+    Example:
+        >>> _, params = init(GPTConfig(), jax.random.key(0), abstract=True)
+        >>> params["blocks_3"]["attn"]["query"]["kernel"].shape, params["head"]["kernel"].shape
+        ((512, 8, 64), (512, 8192))
     """
     model = GPT(config)
     tokens = jnp.zeros((batch_size, config.max_len), jnp.int32)
-    params = jax.jit(model.init)(key, tokens)["params"]
-    return model, params
+    if abstract:
+        return model, jax.eval_shape(model.init, key, tokens)["params"]
+    return model, jax.jit(model.init)(key, tokens)["params"]
 
 
 def next_token_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:

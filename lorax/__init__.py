@@ -14,7 +14,7 @@ Wrap a parameter tree, transform the function that consumes it, train the factor
 True
 """
 
-from lorax import analysis
+from lorax import analysis, peft
 from lorax.checkpoint import CheckpointManager, CheckpointMismatchError, restore, save
 from lorax.interpreter import lora
 from lorax.merge import merge, unmerge
@@ -22,6 +22,7 @@ from lorax.node import FullyTrained, LoRA, is_lora
 from lorax.optimizer import optimizer
 from lorax.partition import combine, split, trainable
 from lorax.rules import LoRAFallbackWarning
+from lorax.sharding import factor_specs, partition_specs, shardings
 from lorax.summary import Summary, summary
 from lorax.wrap import unwrap, wrap
 
@@ -36,12 +37,15 @@ __all__ = [
     "Summary",
     "analysis",
     "combine",
+    "factor_specs",
     "is_lora",
     "lora",
     "merge",
     "optimizer",
+    "partition_specs",
     "restore",
     "save",
+    "shardings",
     "split",
     "summary",
     "trainable",

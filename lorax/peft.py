@@ -50,7 +50,7 @@ Example:
     >>> params = {"fc": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}}
     >>> lp = lorax.wrap(params, rank=4, alpha=8.0)
     >>> with tempfile.TemporaryDirectory() as directory:
-    ...     lorax.peft.save(directory, lp, name_map={"fc/kernel": "model.fc"})
+    ...     _ = lorax.peft.save(directory, lp, name_map={"fc/kernel": "model.fc"})
     ...     back = lorax.peft.load(directory, params, name_map={"fc/kernel": "model.fc"})
     >>> back["fc"]["kernel"].rank, back["fc"]["kernel"].scale
     (4, 2.0)
@@ -76,7 +76,7 @@ import safetensors
 import safetensors.numpy
 
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node
-from lorax.paths import hint, path_str
+from lorax.paths import path_str
 from lorax.wrap import default_in_axes
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -88,11 +88,13 @@ CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
 """The prefix PEFT puts before every module path in ``adapter_model.safetensors``."""
 
+# Factor tensor names -> side; Linear and Embedding factors share one layout, so load takes
+# either name for either module type.
 _LORA_SUFFIXES = {
-    ".lora_A.weight": ("A", False),
-    ".lora_B.weight": ("B", False),
-    ".lora_embedding_A": ("A", True),
-    ".lora_embedding_B": ("B", True),
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_embedding_A": "A",
+    ".lora_embedding_B": "B",
 }
 # Config settings that change what the adapter computes and that lorax does not implement.
 _UNSUPPORTED_IF_SET = (
@@ -286,7 +288,7 @@ def _nice(value: float) -> float | int:
 
 def _most_common(values: Sequence[Any]) -> Any:
     counts = collections.Counter(values)
-    return min(counts, key=lambda v: (-counts[v], v))
+    return max(counts, key=lambda v: (counts[v], v))  # ties: the largest value
 
 
 @dataclasses.dataclass
@@ -349,7 +351,8 @@ def _pattern_key(module: str, others: Sequence[str]) -> str:
     for key in (module, re.escape(module)):
         if not any(other != module and re.match(rf"(.*\.)?({key})$", other) for other in others):
             return key
-    return "^" + re.escape(module)  # unreachable for distinct module names
+    # `module` is a dot-suffix of another module path ("fc" and "block.fc"): anchor it.
+    return "^" + re.escape(module)
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -379,11 +382,11 @@ def save(
     PyTorch's ``(r, in)``/``(out, r)``, in the factors' dtype); each :class:`lorax.FullyTrained`
     leaf puts its module in ``modules_to_save`` and every mapped parameter of that module (the
     boxed ones and the module's other, untouched leaves) is written under its PyTorch name, as
-    PEFT saves whole modules. The config holds the most common rank and alpha as ``r`` and
-    ``lora_alpha``; modules that differ are listed in ``rank_pattern``/``alpha_pattern`` under
-    their full module path, and ``target_modules`` lists every adapted module path, so PEFT
-    rebuilds exactly these modules with exactly these ranks and scales. Both files are written
-    atomically (temporary file, then ``os.replace``), tensors first.
+    PEFT saves whole modules. The config holds the most common rank and alpha (ties: the
+    largest) as ``r`` and ``lora_alpha``; modules that differ are listed in ``rank_pattern`` /
+    ``alpha_pattern`` under their full module path, and ``target_modules`` lists every adapted
+    module path, so PEFT rebuilds exactly these modules with exactly these ranks and scales.
+    Both files are written atomically (temporary file, then ``os.replace``), tensors first.
 
     Args:
         directory: the adapter directory; created if missing, files in it are replaced.
@@ -414,7 +417,7 @@ def save(
         >>> files
         ['adapter_config.json', 'adapter_model.safetensors']
         >>> config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]
-        (4, 8, {'out': 2}, {'out': 4})
+        (4, 8, {'out': 2}, {})
     """
     if not isinstance(use_rslora, bool | np.bool_):
         raise TypeError(f"expected `use_rslora` to be a bool, got {type(use_rslora).__name__}")
@@ -725,9 +728,9 @@ def load(
             if module not in by_module:
                 raise ValueError(
                     f"tensor {key!r}: module {module!r} is not in `name_map` (or its kernel not "
-                    f"in `params`); mapped modules: {hint(known)[len('available paths: '):]}"
+                    f"in `params`); mapped modules: {_listing(known)}"
                 )
-            side = _LORA_SUFFIXES[suffix][0]
+            side = _LORA_SUFFIXES[suffix]
             factors.setdefault(module, {})[side] = (key, tensors[key])
             continue
         if ".lora_" in name:
@@ -804,6 +807,13 @@ def load(
         else:
             leaves.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _listing(names: Sequence[str], limit: int = 6) -> str:
+    if not names:
+        return "none"
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
 
 
 def _as_factor(array: np.ndarray, dtype: Any) -> jax.Array:

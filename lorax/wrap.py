@@ -15,6 +15,7 @@ import numpy as np
 
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node, unbox
 from lorax.paths import PathSelector, Selector, first_match, hint, path_str, unmatched_keys
+from lorax.sharding import place_factors
 
 INITS = ("kaiming", "gaussian")
 # Leaf names that regex `targets` select by their module's path alone (Flax's names for
@@ -284,6 +285,7 @@ def _adapt(path, w, rank, alpha, rank_pattern, alpha_pattern, in_axes, stacked, 
     scale = a_ / math.sqrt(r) if rslora else a_ / r
     factor_dtype = jnp.dtype(dtype) if dtype is not None else w.dtype
     a, b = _init_factors(w, r, n_stack, n_in, init, _leaf_key(key, path), factor_dtype)
+    a, b = place_factors(w, a, b, n_stack, n_in)  # on w's NamedSharding, if it has one
     return LoRA(w=w, a=a, b=b, scale=scale, rank=r, n_stack=n_stack, n_in=n_in, path=path,
                 dropout=dropout)
 

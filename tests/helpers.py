@@ -57,6 +57,10 @@ def dense_delta_jnp(w_shape, a, b, scale: float, n_stack: int) -> jax.Array:
     return jnp.reshape(scale * d, tuple(w_shape))
 
 
+def _is_node(x: Any) -> bool:
+    return isinstance(x, lorax.LoRA | lorax.FullyTrained)
+
+
 def dense_params(tree: Any, dtype: Any = np.float32) -> Any:
     """Replaces each LoRA node by its adapted kernel from :func:`dense_kernel` (NumPy, ``dtype``);
     ``FullyTrained`` boxes by their values."""
@@ -68,7 +72,7 @@ def dense_params(tree: Any, dtype: Any = np.float32) -> Any:
             return x.value
         return x
 
-    return jax.tree.map(fold, tree, is_leaf=lambda x: isinstance(x, lorax.LoRA | lorax.FullyTrained))
+    return jax.tree.map(fold, tree, is_leaf=_is_node)
 
 
 def dense_params_jnp(tree: Any) -> Any:
@@ -83,7 +87,7 @@ def dense_params_jnp(tree: Any) -> Any:
             return x.value
         return x
 
-    return jax.tree.map(fold, tree, is_leaf=lambda x: isinstance(x, lorax.LoRA | lorax.FullyTrained))
+    return jax.tree.map(fold, tree, is_leaf=_is_node)
 
 
 def perturb_b(tree: Any, key: Any, std: float = 0.1) -> Any:

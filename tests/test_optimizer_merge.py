@@ -110,9 +110,10 @@ def test_adam_steps_train_factors_and_train_leaves_only(params, lp):
     assert bits(node2.w) == bits(params["dense"]["kernel"])
     for path in (("dense", "bias"), ("ln", "bias"), ("head", "bias")):
         assert bits(two[path[0]][path[1]]) == bits(params[path[0]][path[1]])
-    for path in (("head", "kernel"), ("ln", "scale")):
-        assert isinstance(two[path[0]][path[1]], lorax.FullyTrained)
-        assert np.all(np.asarray(two[path[0]][path[1]].value) != np.asarray(params[path[0]][path[1]]))
+    for module, name in (("head", "kernel"), ("ln", "scale")):
+        box = two[module][name]
+        assert isinstance(box, lorax.FullyTrained)
+        assert np.all(np.asarray(box.value) != np.asarray(params[module][name]))
     assert float(loss(two)) < float(loss(lp))
 
 

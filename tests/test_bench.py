@@ -1,0 +1,189 @@
+"""The benchmark's FLOP ratios as deterministic regressions, and ``--quick`` end to end.
+
+FLOPs come from XLA's cost analysis of compiled programs, so they depend on shapes only: the
+thresholds below are exact regressions, not timing. No test asserts anything about wall time.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lorax
+from experiments import bench, gpt
+
+# d = 512 as in the benchmark (the low-rank share of a kernel is about 1.5 r (1/d_in + 1/d_out)
+# of the frozen floor, so d must be large against r = 8), with fewer layers and tokens.
+CONFIG = gpt.GPTConfig(n_layers=2, max_len=64)
+BATCH = 4
+RANK = 8
+
+REQUIRED = (
+    "model",
+    "rank",
+    "lora_over_full_flops",
+    "lora_over_frozen_flops",
+    "merged_over_base_flops",
+    "lora_over_full_wall",
+    "factor_bytes",
+    "optstate_bytes_lora",
+    "optstate_bytes_full",
+    "ckpt_bytes",
+)
+
+
+@pytest.fixture(scope="module")
+def workload() -> bench.Workload:
+    return bench.gpt_workload(CONFIG, batch_size=BATCH, abstract_params=True)
+
+
+@pytest.fixture(scope="module")
+def costs(workload) -> dict[str, bench.Cost]:
+    return bench.measure_flops(workload, RANK)
+
+
+@pytest.fixture(scope="module")
+def ratios(costs) -> dict[str, float]:
+    return bench.flop_ratios(costs)
+
+
+def test_lora_step_costs_at_most_70_percent_of_full_fine_tuning(ratios):
+    # Forward + input gradient, no weight gradient: the floor is about 2/3.
+    assert 0.55 < ratios["lora_over_full_flops"] <= 0.70
+
+
+def test_lora_step_costs_at_most_3_percent_over_the_frozen_floor(ratios):
+    assert 0.9 < ratios["lora_over_frozen_flops"] <= 1.03
+
+
+def test_merged_forward_costs_exactly_the_base_forward(costs, ratios):
+    assert ratios["merged_over_base_flops"] == 1.0
+    assert costs["merged_forward"].bytes_accessed == costs["base_forward"].bytes_accessed
+
+
+def test_unmerged_factorized_forward_costs_a_little_more(ratios):
+    assert 1.0 < ratios["lora_forward_over_base_flops"] <= 1.05
+
+
+def test_flop_counts_agree_with_an_independent_count(workload, costs):
+    # Independent of the bench's ratio logic: a forward pass is 2 FLOPs per weight per token
+    # (plus attention scores and elementwise work), and a full training step is forward +
+    # input gradient + weight gradient, at least three forwards.
+    tokens = BATCH * CONFIG.max_len
+    analytic = 2 * tokens * CONFIG.matmul_params()
+    plain = jax.jit(workload.forward).lower(workload.params, workload.batch).compile(
+        compiler_options=bench.FAST_COMPILE)
+    forward = plain.cost_analysis()["flops"]
+    assert analytic <= forward <= 1.1 * analytic
+    assert costs["base_forward"].flops == forward
+    assert costs["full"].flops >= 3 * forward
+    assert costs["frozen"].flops >= 2 * forward
+
+
+def test_optimizer_state_holds_nothing_for_frozen_kernels(workload):
+    steps = bench.make_steps(workload)
+    lp = lorax.wrap(bench.abstract(workload.params), RANK)
+    lora = bench.optstate_bytes(steps.tx_lora, lorax.split(lp)[0])
+    full = bench.optstate_bytes(steps.tx_full, workload.params)
+    # Adam: mu and nu per trainable float, plus a 4-byte step count.
+    assert lora == 2 * bench.factor_bytes(lp) + 4
+    assert full == 2 * bench.tree_bytes(workload.params) + 4
+
+
+def test_scale_planning_counts_llama2_7b_exactly():
+    plan = bench.plan_scale("llama2-7b", "qkvo")
+    per_layer = 4 * RANK * (4096 + 4096)
+    assert plan["trainable_params"] == 32 * per_layer == 8_388_608
+    assert plan["adapter_bytes"] == 2 * plan["trainable_params"]  # bf16 factors
+    assert plan["optstate_bytes_lora"] == 2 * plan["adapter_bytes"] + 4
+    assert plan["live_arrays_delta"] == 0
+    assert plan["total_params"] == 6_738_415_616 + per_layer * 32  # Llama-2-7B + adapters
+
+
+def test_minilm_split_matches_the_plain_encoder():
+    from experiments import bert
+
+    workload = bench.make_workload("minilm", quick=True)
+    ids, mask, _ = workload.batch
+    hidden = bert.BertModel(workload.config).apply({"params": workload.params["bert"]}, ids, mask)
+    pooled = bert.mean_pool(hidden, mask)
+    head = workload.params["head"]
+    expected = (pooled @ head["kernel"] + head["bias"][None])[:, 0]
+    np.testing.assert_allclose(workload.forward(workload.params, workload.batch), expected,
+                               rtol=1e-5, atol=1e-6)
+    assert workload.wrap_kwargs == {"train": "^head/"}
+
+
+def test_quick_run_writes_both_files_with_finite_positive_numbers(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert bench.main(["--quick", "--models", "gpt,minilm", "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    results = json.loads((out / "bench.json").read_text())
+    scale = json.loads((out / "bench_scale.json").read_text())
+    report = (out / "bench.md").read_text()
+    assert printed["results"] == results
+    assert isinstance(results, list)
+    assert [(r["model"], r["rank"]) for r in results] == [("gpt", 8), ("minilm", 8)]
+    assert results[0]["flops_lora"] == scale["rank_scaling"][1]["flops_lora"]  # r = 8 reused
+    for row in results:
+        for key in REQUIRED[2:]:
+            value = row[key]
+            assert isinstance(value, int | float) and math.isfinite(value) and value > 0, key
+        assert row["merged_over_base_flops"] == 1.0
+        assert row["ckpt_bytes"] < row["ckpt_bytes_full"]
+        assert row["optstate_bytes_lora"] < row["optstate_bytes_full"]
+        assert row["machine"]["jax"] == jax.__version__
+    assert [p["model"] for p in scale["scale_planning"]] == [
+        "llama2-7b", "llama2-7b", "llama2-70b", "llama2-70b"
+    ]
+    assert [r["rank"] for r in scale["rank_scaling"]] == list(bench.QUICK_SWEEP)
+    assert scale["machine"]["device_kind"] == jax.devices()[0].device_kind
+    for heading in ("## Compute", "## Memory", "## Scale planning", "## Rank scaling"):
+        assert heading in report
+    assert scale["machine"]["date"] in report
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "gpt,llama"], "unknown model 'llama'"),
+        (["--ranks", "0"], "expected a positive rank, got 0"),
+        (["--ranks", "8,x"], "expected a positive rank, got 'x'"),
+        (["--quick", "--ranks", "4096"], "rank 4096 is too large for 'gpt'"),
+    ],
+)
+def test_bad_arguments_exit_with_code_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_worker_subprocess_reports_peak_rss():
+    peak = bench.run_worker("lora", "gpt", RANK, quick=True, steps=1)
+    assert 2**20 < peak < 2**40
+
+
+def test_interleaved_wall_alternates_and_summarizes():
+    order = []
+    runners = {name: (lambda n=name: order.append(n) or jnp.zeros(())) for name in
+               ("lora", "full", "frozen")}
+    times = bench.interleaved_wall(runners, steps=3, warmup=1)
+    assert order == ["lora", "full", "frozen"] * 4
+    summary = bench.wall_summary(times)
+    assert summary["wall_steps"] == 3
+    assert summary["lora_over_full_wall_min"] <= summary["lora_over_full_wall"]
+    assert summary["lora_over_full_wall"] <= summary["lora_over_full_wall_max"]
+
+
+@pytest.mark.parametrize("module", [bench, gpt], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    result = doctest.testmod(module, optionflags=flags, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
