@@ -30,7 +30,7 @@ Example:
     >>> config = GPTConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=8)
     >>> model, params = init(config, jax.random.key(0))
     >>> tokens = jnp.zeros((2, 8), jnp.int32)
-    >>> model.apply({"params": params}, tokens).shape
+    >>> jax.jit(model.apply)({"params": params}, tokens).shape
     (2, 8, 32)
 """
 

@@ -54,8 +54,9 @@ def _check_int(value: Any, argname: str, path: str | None, minimum: int) -> int:
 
 def _check_alpha(value: Any, path: str | None) -> float:
     where = f" at {path!r}" if path else ""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"expected `alpha` to be a positive number, got {value!r}{where}")
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0
+            or not math.isfinite(value)):
+        raise ValueError(f"expected `alpha` to be a positive finite number, got {value!r}{where}")
     return float(value)
 
 
@@ -164,6 +165,25 @@ def wrap(
         key = jax.random.key(0)
     if in_axes is not None and not isinstance(in_axes, Mapping):
         _check_int(in_axes, "in_axes", None, 1)
+    for argname, mapping in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern),
+                             ("stacked", stacked)):
+        if mapping is not None and not isinstance(mapping, Mapping):
+            raise TypeError(
+                f"expected `{argname}` to be a dict {{regex: value}}, got {type(mapping).__name__}"
+            )
+    if dtype is not None:
+        try:
+            floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise TypeError(f"expected `dtype` to be a floating dtype, got {dtype!r}")
+    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)) and not (
+        is_array_like(key) and key.dtype == jnp.uint32 and tuple(key.shape) == (2,)
+    ):
+        raise TypeError(
+            f"expected `key` to be a PRNG key (jax.random.key(...)), got {type(key).__name__}"
+        )
 
     target_sel = PathSelector(targets, "targets")
     exclude_sel = PathSelector(exclude, "exclude")

@@ -20,7 +20,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-import pytest
 
 import lorax
 
@@ -128,6 +127,8 @@ def test_lora_step_is_cheaper_than_full_finetune():
 
 
 def test_lora_step_costs_about_a_frozen_step():
+    # Measured ~0.996: LoRA's step can even undercut the baseline, which back-propagates to
+    # the model's input through block 0's q/k/v projections; LoRA needs no gradient there.
     m = measured()
     ratio = m["lora"] / m["frozen"]
     print(f"lora/frozen = {ratio:.4f}")
@@ -139,7 +140,8 @@ def test_materialized_step_is_caught():
     # gradient, and the same thresholds fail it.
     m = measured()
     ratio = m["materialized"] / m["full"]
-    print(f"materialized/full = {ratio:.4f}")
+    print(f"materialized/full = {ratio:.4f}, materialized/frozen = "
+          f"{m['materialized'] / m['frozen']:.4f}")
     assert ratio > 0.9, m
     assert m["materialized"] / m["frozen"] > 1.03
 
@@ -155,6 +157,3 @@ def test_merged_forward_costs_the_base_forward():
     lora_forward = flops(lorax.lora(apply), abstract_lp(), X)
     assert flops(apply, params, X) < lora_forward <= 1.05 * flops(apply, params, X)
 
-
-if __name__ == "__main__":  # pragma: no cover - for printing the numbers
-    pytest.main([__file__, "-q", "-s"])

@@ -198,6 +198,19 @@ BUILDERS: dict[str, Callable[[], Case]] = {
         lambda p, x: jnp.einsum("de,btd->bet", p["proj"]["kernel"], x), (5, 6),
         _normal(2, (2, 4, 5)),
     ),
+    # Reshapes of the kernel stay factorized when they regroup input or output axes.
+    "reshape_merge_out": lambda: _plain(
+        lambda p, x: x @ p["proj"]["kernel"].reshape(5, 6), (5, 2, 3), _normal(2, X2),
+        wrap_kw={"in_axes": 1},
+    ),
+    "reshape_split_out": lambda: _plain(
+        lambda p, x: jnp.einsum("bd,dhk->bhk", x, p["proj"]["kernel"].reshape(5, 2, 3)),
+        (5, 6), _normal(2, X2),
+    ),
+    "reshape_merge_in": lambda: _plain(
+        lambda p, x: x.reshape(3, 6) @ p["proj"]["kernel"].reshape(6, 4), (2, 3, 4),
+        _normal(2, (3, 2, 3)),
+    ),
     "lax_cond": lambda: _plain(_cond_fn, (5, 6), _normal(2, X2)),
     "nested_jit": lambda: _plain(_nested_jit_fn, (5, 5), _normal(2, X2)),
     "vmap": lambda: _plain(
