@@ -27,12 +27,19 @@ each model (a GPT-style decoder, :mod:`experiments.gpt`, and the pretrained Mini
    ``block_until_ready``) after warm-up; ``lora_over_full_wall`` is the median of the per-round
    ratios, with their min and max. Absolute milliseconds are context only.
 3. **Memory**: Adam state bytes (LoRA vs full), XLA's temp bytes of each compiled step, peak RSS of
-   a LoRA and of a full training run each in its own subprocess (``--_worker``), and the bytes on
-   disk of an orbax checkpoint of the adapter (the trainable half) vs the full params.
+   a LoRA and of a full training run each in its own subprocess (``--_worker``; Linux
+   ``VmHWM``, see :func:`peak_rss_bytes`; ``init`` is a worker that only builds the model), and
+   the bytes on disk of an orbax checkpoint of the adapter (the trainable half) vs the full
+   params.
 4. **Scale planning**: ``jax.eval_shape`` of :func:`lorax.wrap` plus the optimizer's ``init`` on
    Llama-2-7B- and 70B-shaped bf16 trees (``q,k,v,o`` and all linear layers at r = 8): trainable
    parameters, adapter and Adam-state bytes, and the wall time of the abstract wrap.
 5. **Rank scaling**: LoRA-step FLOPs of the GPT for r = 1, 2, 4, ..., 256 against the frozen floor.
+
+``--quick`` shrinks everything for a smoke run: a tiny GPT (and, when asked for with
+``--models``, a tiny random-init MiniLM-shaped encoder), 3 timed rounds, no RSS subprocesses,
+rank sweep 1, 8, 64, and every program compiled with :data:`FAST_COMPILE` (FLOP counts are
+unchanged).
 
 Outputs: the markdown report on stdout (``--json``: the JSON instead), and in ``--out DIR``:
 ``bench.md``, ``bench.json`` (a list with one object per model and rank) and
@@ -633,8 +640,9 @@ def dir_bytes(path: str | os.PathLike[str]) -> int:
 def checkpoint_bytes(tree: Any) -> int:
     """Bytes on disk of an orbax ``StandardCheckpointer`` checkpoint of ``tree``.
 
-    The tree is saved into a temporary directory, which is removed afterwards. (A future
-    ``lorax.save`` would replace this function.)
+    The tree is saved into a temporary directory, which is removed afterwards. The benchmark
+    saves the trainable half of :func:`lorax.split` this way (``ckpt_bytes``), and also records
+    what :func:`lorax.save` writes (``ckpt_bytes_lorax_save``).
     """
     import orbax.checkpoint as ocp
 
@@ -647,6 +655,13 @@ def checkpoint_bytes(tree: Any) -> int:
         finally:
             checkpointer.close()
         return dir_bytes(path)
+
+
+def lorax_save_bytes(tree: Any) -> int:
+    """Bytes on disk of :func:`lorax.save` of a wrapped tree (adapters and metadata, never W)."""
+    with tempfile.TemporaryDirectory(prefix="lorax-bench-") as tmp:
+        lorax.save(tmp, tree)
+        return dir_bytes(tmp)
 
 
 def peak_rss_bytes() -> int:
@@ -980,6 +995,7 @@ def bench_model(
             "optstate_bytes_full": optstate_bytes(fns.tx_full, workload.params),
             "ckpt_bytes": ckpt,
             "ckpt_bytes_full": ckpt_full,
+            "ckpt_bytes_lorax_save": lorax_save_bytes(lp),
         }
         for name, cost in costs.items():
             row[f"flops_{name}"] = cost.flops
@@ -1071,14 +1087,15 @@ def render_markdown(
     lines += ["", "## Memory", ""]
     lines += _table(
         ["model", "r", "Adam state LoRA / full", "XLA temp LoRA / full / frozen",
-         "peak RSS init / LoRA / full", "checkpoint LoRA / full"],
+         "peak RSS init / LoRA / full", "checkpoint LoRA / full (lorax.save)"],
         [[r["model"], r["rank"],
           f"{fmt_bytes(r['optstate_bytes_lora'])} / {fmt_bytes(r['optstate_bytes_full'])}",
           f"{fmt_bytes(r['temp_bytes_lora'])} / {fmt_bytes(r['temp_bytes_full'])} / "
           f"{fmt_bytes(r['temp_bytes_frozen'])}",
           f"{fmt_bytes(r['peak_rss_init'])} / {fmt_bytes(r['peak_rss_lora'])} / "
           f"{fmt_bytes(r['peak_rss_full'])}",
-          f"{fmt_bytes(r['ckpt_bytes'])} / {fmt_bytes(r['ckpt_bytes_full'])}"]
+          f"{fmt_bytes(r['ckpt_bytes'])} / {fmt_bytes(r['ckpt_bytes_full'])} "
+          f"({fmt_bytes(r['ckpt_bytes_lorax_save'])})"]
          for r in results],
     )
     lines += ["", f"## Scale planning (abstract, bf16, r = {SCALE_RANK})", ""]

@@ -140,6 +140,7 @@ def test_quick_run_writes_both_files_with_finite_positive_numbers(tmp_path, caps
             assert isinstance(value, int | float) and math.isfinite(value) and value > 0, key
         assert row["merged_over_base_flops"] == 1.0
         assert row["ckpt_bytes"] < row["ckpt_bytes_full"]
+        assert 0 < row["ckpt_bytes_lorax_save"] < row["ckpt_bytes_full"]
         assert row["optstate_bytes_lora"] < row["optstate_bytes_full"]
         assert row["machine"]["jax"] == jax.__version__
     assert [p["model"] for p in scale["scale_planning"]] == [
