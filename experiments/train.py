@@ -36,6 +36,9 @@ TARGET_GROUPS = {
 }
 ALL_LINEAR = "all-linear"
 HEAD = r"^head/"
+# The adapter methods: lorax.wrap keyword arguments beyond rank/targets/alpha of each.
+VARIANTS: dict[str, dict[str, Any]] = {"lora": {}, "dora": {"dora": True},
+                                       "pissa": {"init": "pissa"}}
 
 
 def target_regex(target_set: str) -> str:
@@ -74,13 +77,13 @@ class SentimentRegressor(nn.Module):
 class TrainConfig:
     """Hyper-parameters shared by every run of a sweep."""
 
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 32
     lr: float = 1e-3
     alpha: float = 16.0
     rslora: bool = False
     seed: int = 0
-    eval_every: int = 50
+    eval_every: int = 25
     weight_decay: float = 0.0
 
 
@@ -124,12 +127,12 @@ def build_tree(
 ) -> Any:
     """Wraps ``{"bert": ..., "head": ...}`` params for one method.
 
-    ``lora`` adapts ``targets`` (a target-set name) and trains the head in full; ``head`` trains
-    only the head (a linear probe on the frozen encoder); ``full`` trains every leaf.
+    ``lora`` adapts ``targets`` (a target-set name) and trains the head in full; ``dora`` and
+    ``pissa`` do the same with DoRA magnitudes (``dora=True``) or PiSSA's SVD initialisation
+    (``init="pissa"``); ``head`` trains only the head (a linear probe on the frozen encoder);
+    ``full`` trains every leaf.
     """
-    if method in ("lora", "dora", "pissa"):
-        if method != "lora":
-            raise ValueError(f"method {method!r} is not available in this version of lorax")
+    if method in VARIANTS:
         return lorax.wrap(
             params,
             rank=rank,
@@ -138,6 +141,7 @@ def build_tree(
             alpha=cfg.alpha,
             rslora=cfg.rslora,
             key=jax.random.key(cfg.seed),
+            **VARIANTS[method],
         )
     head_only = re.compile(HEAD)
 

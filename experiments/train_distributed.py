@@ -30,8 +30,17 @@ Launch, two hosts with 8 accelerators each (run the same command on every host, 
         --ckpt-dir /shared/lorax-run --steps 1000 --save-every 100
 
 On Cloud TPU pods, SLURM or Open MPI, ``--auto`` lets ``jax.distributed.initialize()`` detect
-the cluster instead (``srun python -m experiments.train_distributed --auto --mesh ...``). The
-checkpoint directory must be shared by all hosts (NFS, GCS ``gs://...``). After a failure,
+the cluster instead::
+
+    # SLURM, one task per node
+    srun --ntasks-per-node=1 python -m experiments.train_distributed --auto \
+        --mesh data=-1,fsdp=8 --ckpt-dir /shared/lorax-run
+    # a TPU pod slice, every worker at once
+    gcloud compute tpus tpu-vm ssh my-pod --worker=all --command="cd lorax && \
+        python -m experiments.train_distributed --auto --mesh data=-1,model=4 \
+        --ckpt-dir gs://my-bucket/lorax-run"
+
+The checkpoint directory must be shared by all hosts (NFS, GCS ``gs://...``). After a failure,
 rerun the same commands: training resumes from the newest complete checkpoint.
 
 On one machine with CPUs only (2 processes x 2 devices, gloo collectives)::
@@ -457,8 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, default=1)
     defaults = Config()
     for field in dataclasses.fields(Config):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults,
-                            field.name)), default=getattr(defaults, field.name))
+        default = getattr(defaults, field.name)
+        choices = ("adamw", "sgd") if field.name == "optimizer" else None
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(default),
+                            default=default, choices=choices)
     return parser
 
 
@@ -466,8 +477,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Initialises ``jax.distributed`` (multi-process runs) and trains."""
     args = build_parser().parse_args(argv)
     config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
-    if config.optimizer not in ("adamw", "sgd"):
-        raise SystemExit(f"--optimizer must be adamw or sgd, got {config.optimizer!r}")
     # Must precede any computation (it configures the CPU client, a no-op on GPU/TPU).
     jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
     if args.auto:

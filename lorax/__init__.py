@@ -14,13 +14,15 @@ Wrap a parameter tree, transform the function that consumes it, train the factor
 True
 """
 
-from lorax import analysis, peft
+from lorax import adapters, analysis, dora, peft, pissa
+from lorax.adapters import add_adapter, combine_adapters, drop_adapter, get_adapter, select
 from lorax.checkpoint import CheckpointManager, CheckpointMismatchError, restore, save
 from lorax.interpreter import lora
 from lorax.merge import merge, unmerge
-from lorax.node import FullyTrained, LoRA, is_lora
+from lorax.node import FullyTrained, LoRA, MultiLoRA, is_lora
 from lorax.optimizer import optimizer
 from lorax.partition import combine, split, trainable
+from lorax.quantize import QuantizedArray, quantize
 from lorax.rules import LoRAFallbackWarning
 from lorax.sharding import factor_specs, partition_specs, shardings
 from lorax.summary import Summary, summary
@@ -34,17 +36,29 @@ __all__ = [
     "FullyTrained",
     "LoRA",
     "LoRAFallbackWarning",
+    "MultiLoRA",
+    "QuantizedArray",
     "Summary",
+    "adapters",
+    "add_adapter",
     "analysis",
     "combine",
+    "combine_adapters",
+    "dora",
+    "drop_adapter",
     "factor_specs",
+    "get_adapter",
     "is_lora",
     "lora",
     "merge",
     "optimizer",
     "partition_specs",
+    "peft",
+    "pissa",
+    "quantize",
     "restore",
     "save",
+    "select",
     "shardings",
     "split",
     "summary",

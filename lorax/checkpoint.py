@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lorax.node import FullyTrained, LoRA, is_array_like, is_node
+from lorax.node import FullyTrained, LoRA, MultiLoRA, is_array_like, is_node
 from lorax.partition import combine, split
 from lorax.paths import path_str
 
@@ -55,6 +55,16 @@ def describe(tree: Any) -> dict[str, Any]:
             kernels[path] = {"rank": leaf.rank, "scale": leaf.scale, "n_stack": leaf.n_stack,
                              "n_in": leaf.n_in, "dropout": leaf.dropout, "a": _spec(leaf.a),
                              "b": _spec(leaf.b)}
+            if leaf.magnitude is not None:  # DoRA; plain LoRA metadata is unchanged
+                kernels[path]["magnitude"] = _spec(leaf.magnitude)
+            if leaf.residual:  # PiSSA: the factors belong to the residual base, not W
+                kernels[path]["residual"] = True
+            base[path] = _spec(leaf.w)
+        elif isinstance(leaf, MultiLoRA):  # named adapters: one entry per name
+            for name, f in sorted(leaf.adapters.items()):
+                kernels[f"{path}[{name}]"] = {
+                    "rank": f.rank, "scale": f.scale, "n_stack": leaf.n_stack, "n_in": leaf.n_in,
+                    "dropout": leaf.dropout, "a": _spec(f.a), "b": _spec(f.b)}
             base[path] = _spec(leaf.w)
         elif isinstance(leaf, FullyTrained):
             trained[path] = _spec(leaf.value)
@@ -78,10 +88,10 @@ def _mismatches(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
                 problems.append(f"{path}: {what} in the tree, not in the checkpoint")
             elif have[path] != want[path]:
                 if isinstance(want[path], dict):
-                    for key in sorted(want[path]):
-                        if have[path].get(key) != want[path][key]:
+                    for key in sorted(set(want[path]) | set(have[path])):
+                        if have[path].get(key) != want[path].get(key):
                             problems.append(f"{path}: {key} saved {have[path].get(key)} vs "
-                                            f"expected {want[path][key]}")
+                                            f"expected {want[path].get(key)}")
                 else:
                     problems.append(f"{path}: {what} saved {have[path]} vs expected {want[path]}")
     return problems

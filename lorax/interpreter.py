@@ -21,7 +21,9 @@ from jax import lax
 from jax.extend.core import DropVar, Literal
 from jax.extend.core import primitives as prims
 
-from lorax.node import LoRA, is_array_like, is_lora, is_node, unbox
+from lorax import routing
+from lorax.node import LoRA, MultiLoRA, is_array_like, is_lora, is_node, unbox
+from lorax.quantize import is_quantized
 from lorax.rules import RULES, LoRAValue
 
 
@@ -33,14 +35,17 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
     full-size ``W + s·a·b`` nor a full-size gradient of ``W`` is formed. ``FullyTrained`` boxes
     are passed as their values. The transformed function takes one extra keyword, ``lora_key``:
     a PRNG key that turns on LoRA dropout (for kernels wrapped with ``dropout > 0``); without it
-    the adapters are deterministic.
+    the adapters are deterministic. Another, ``adapter_ids``, routes examples to named adapters
+    (:mod:`lorax.routing`): example ``i`` uses adapter ``lorax.routing.adapter_names(tree)[
+    adapter_ids[i]]`` (none for ids outside that range, e.g. ``-1``), in the same call.
 
     Args:
         fn: any function of pytrees of arrays, e.g. a Flax ``model.apply``, or
             ``lambda state, x: nnx.merge(graphdef, state)(x)``.
 
     Returns:
-        A function with ``fn``'s signature plus the keyword-only ``lora_key``.
+        A function with ``fn``'s signature plus the keyword-only ``lora_key`` and
+        ``adapter_ids``.
 
     Raises:
         ValueError: when a kernel is contracted along a different input/output split than its
@@ -56,15 +61,30 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     @functools.wraps(fn)
-    def wrapped(*args: Any, lora_key: jax.Array | None = None, **kwargs: Any) -> Any:
-        return _call(fn, args, kwargs, lora_key)
+    def wrapped(*args: Any, lora_key: jax.Array | None = None, adapter_ids: Any = None,
+                **kwargs: Any) -> Any:
+        return _call(fn, args, kwargs, lora_key, adapter_ids)
 
     return wrapped
 
 
-def _call(fn, args, kwargs, lora_key):
-    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_node)
-    dynamic = [i for i, x in enumerate(leaves) if is_node(x) or is_array_like(x)]
+def _is_unit(x: Any) -> bool:
+    return is_node(x) or is_quantized(x)
+
+
+def _proxy(x: Any) -> Any:
+    """What the trace sees for a leaf: a quantized kernel is an array of its shape and dtype."""
+    x = unbox(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x
+
+
+def _call(fn, args, kwargs, lora_key, adapter_ids=None):
+    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_unit)
+    names = ids = None
+    if adapter_ids is not None:
+        names = routing.adapter_names(leaves)
+        ids = routing.check_ids(adapter_ids, names)
+    dynamic = [i for i, x in enumerate(leaves) if _is_unit(x) or is_array_like(x)]
 
     def flat_fn(*values):
         full = list(leaves)
@@ -74,13 +94,21 @@ def _call(fn, args, kwargs, lora_key):
         return fn(*call_args, **call_kwargs)
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
-        *[unbox(leaves[i]) for i in dynamic]
+        *[_proxy(leaves[i]) for i in dynamic]
     )
     invals = []
     for position, i in enumerate(dynamic):
         x = leaves[i]
+        if isinstance(x, MultiLoRA) and ids is not None and x.adapters:  # per-example
+            invals.append(_enter(routing.route(x, names, ids), lora_key, position, routed=True))
+            continue
+        if isinstance(x, MultiLoRA):  # named adapters: the active ones as one concatenated LoRA
+            single = x.as_lora()
+            x = x.w if single is None else single
         if is_lora(x):
             invals.append(_enter(x, lora_key, position))
+        elif is_quantized(x):  # a quantized frozen leaf outside a LoRA node
+            invals.append(lax.stop_gradient(x.dequantize()))
         else:
             invals.append(unbox(x))
     outs = eval_jaxpr(closed.jaxpr, closed.consts, invals)
@@ -88,12 +116,14 @@ def _call(fn, args, kwargs, lora_key):
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
 
-def _enter(node: LoRA, lora_key, position: int) -> LoRAValue:
+def _enter(node: LoRA, lora_key, position: int, routed: bool = False) -> LoRAValue:
     key = None
     if lora_key is not None and node.dropout > 0:
         key = jax.random.fold_in(lora_key, position)
-    frozen = dataclasses.replace(node, w=lax.stop_gradient(node.w))
-    return LoRAValue(frozen, key, tuple(range(len(node.shape))))
+    # A quantized w is dequantized here, inside the traced computation (QLoRA's on-the-fly
+    # dequantization): the stored tree keeps only codes and scales.
+    frozen = dataclasses.replace(node, w=lax.stop_gradient(node.float_w()))
+    return LoRAValue(frozen, key, tuple(range(len(node.shape))), routed)
 
 
 def _concrete(values: Sequence[Any], where: str) -> list[Any]:
@@ -169,7 +199,8 @@ def _scan(params, invals):
     for x in invals[n_consts + n_carry :]:
         if isinstance(x, LoRAValue) and x.node.n_stack >= 1 and x.perm[0] == 0:
             keys = None if x.key is None else jax.random.split(x.key, length)
-            xs.append((x.node.w, x.node.a, x.node.b, keys))
+            # Every data field of the node (w, a, b, a DoRA magnitude) has the stack axis first.
+            xs.append((jax.tree.leaves(x.node), keys))
             templates.append(x)
         else:
             xs.append(x.materialize("scan over a non-stacked axis") if isinstance(x, LoRAValue)
@@ -182,10 +213,11 @@ def _scan(params, invals):
             if template is None:
                 values.append(x)
                 continue
-            w, a, b, key = x
-            node = dataclasses.replace(template.node, w=w, a=a, b=b,
-                                       n_stack=template.node.n_stack - 1)
-            values.append(LoRAValue(node, key, tuple(p - 1 for p in template.perm[1:])))
+            fields, key = x
+            node = jax.tree.unflatten(jax.tree.structure(template.node), fields)
+            node = dataclasses.replace(node, n_stack=node.n_stack - 1)
+            values.append(LoRAValue(node, key, tuple(p - 1 for p in template.perm[1:]),
+                                    template.routed))
         outs = eval_jaxpr(closed.jaxpr, closed.consts, [*consts, *carry, *values])
         outs = _concrete(outs, "scan output")
         return outs[:n_carry], outs[n_carry:]

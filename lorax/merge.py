@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax.node import FullyTrained, LoRA, is_lora, is_node
+from lorax.node import FullyTrained, LoRA, MultiLoRA, is_lora, is_node
 from lorax.paths import path_str
 
 
@@ -17,7 +17,11 @@ def merge(tree: Any) -> Any:
 
     Each LoRA node becomes ``w + scale * a @ b``, computed in float32 and cast to ``w``'s dtype
     (a bf16 base merges with a single bf16 rounding); ``FullyTrained`` boxes become their
-    values. The result runs through the unmodified model at the base model's cost.
+    values. The result runs through the unmodified model at the base model's cost. DoRA nodes
+    merge to ``magnitude * V / ||V||_c``. For PiSSA nodes (``residual=True``) ``w`` is the
+    residual base, so the merged kernel ``w + scale * a @ b`` is the complete fine-tuned kernel
+    (the original one at initialisation); :func:`lorax.unwrap` of such a tree gives residuals,
+    not the original model.
 
     Example:
         >>> import jax.numpy as jnp, lorax
@@ -28,7 +32,7 @@ def merge(tree: Any) -> Any:
     """
 
     def fold(node: Any) -> Any:
-        if isinstance(node, LoRA):
+        if isinstance(node, (LoRA, MultiLoRA)):  # MultiLoRA: its active adapters
             return node.merged()
         if isinstance(node, FullyTrained):
             return node.value
@@ -47,7 +51,10 @@ def unmerge(merged: Any, tree: Any) -> Any:
     Returns:
         ``tree`` with each ``w`` recomputed from ``merged`` (in float32, cast back) and each
         ``train`` leaf taken from ``merged``. For float32 kernels this recovers ``w`` up to
-        float32 rounding of the add and subtract.
+        float32 rounding of the add and subtract. A DoRA node's merged kernel
+        ``m * V / ||V||_c`` fixes ``V = w + s·a·b`` only up to a positive scale per output
+        unit, so, as PEFT caches the norm when merging, the norm ``||V||_c`` is taken from
+        ``tree``'s own ``w`` and factors: ``w = merged * ||V||_c / m - s·a·b``.
 
     Raises:
         ValueError: if ``merged`` and ``tree`` differ in structure or a kernel's shape.
@@ -74,8 +81,16 @@ def unmerge(merged: Any, tree: Any) -> Any:
                 f"expected `merged` leaf of shape {list(node_shape(node))} at {where!r}, got "
                 f"{list(value.shape)}"
             )
-        if is_lora(node):
-            w = jnp.asarray(value, jnp.float32) - node.delta(jnp.float32)
+        if isinstance(node, MultiLoRA):
+            single = node.as_lora()
+            w = value if single is None else (
+                jnp.asarray(value, jnp.float32) - single.delta(jnp.float32)).astype(node.dtype)
+            out.append(dataclasses.replace(node, w=w))
+        elif is_lora(node):
+            w = jnp.asarray(value, jnp.float32)
+            if node.magnitude is not None:
+                w = w / _column_layout(node, node.dora_factor())
+            w = w - node.delta(jnp.float32)
             out.append(dataclasses.replace(node, w=w.astype(node.dtype)))
         elif isinstance(node, FullyTrained):
             out.append(FullyTrained(value))
@@ -85,6 +100,12 @@ def unmerge(merged: Any, tree: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _column_layout(node: LoRA, f: jax.Array) -> jax.Array:
+    # (*stack, *out) -> (*stack, 1..., *out), broadcastable against the kernel.
+    stack = f.shape[: node.n_stack]
+    return jnp.reshape(f, (*stack, *(1,) * node.n_in, *node.out_shape))
+
+
 def node_shape(node: Any) -> tuple[int, ...]:
     """The array shape a node stands for."""
-    return tuple(node.w.shape if is_lora(node) else node.value.shape)
+    return tuple(node.w.shape if isinstance(node, (LoRA, MultiLoRA)) else node.value.shape)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax import dora
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +36,20 @@ class LoRA:
         w: the frozen base kernel (never copied; the node holds the caller's array).
         a: the input-side factor.
         b: the output-side factor (zeros at initialisation).
+        magnitude: DoRA's trainable magnitude ``(*stack, *out_dims)``, or ``None`` for plain
+            LoRA (keyword-only). With it the adapted kernel is ``magnitude * V / ||V||_c``,
+            ``V = w + scale * a @ b``, the norm taken over the input axes (see
+            :mod:`lorax.dora`).
         scale: ``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA); static.
         rank: the rank ``r``; static.
         n_stack: number of leading axes of ``w`` that index a stack of layers; static.
         n_in: number of axes of ``w`` (after the stack axes) that are inputs; static.
         path: the '/'-joined path of ``w`` in the tree it was wrapped in; static, for messages.
         dropout: LoRA dropout rate on the adapter branch's input; static.
+        residual: whether ``w`` is not the original kernel but the residual left after
+            PiSSA moved its top singular directions into ``a``/``b`` (``init="pissa"``);
+            static. Such factors only make sense on this residual base, see
+            :func:`lorax.pissa.to_lora`.
 
     Example:
         >>> import jax.numpy as jnp, lorax
@@ -54,12 +64,14 @@ class LoRA:
     w: Any
     a: Any
     b: Any
+    magnitude: Any = dataclasses.field(default=None, kw_only=True)
     scale: float = dataclasses.field(metadata={"static": True})
     rank: int = dataclasses.field(metadata={"static": True})
     n_stack: int = dataclasses.field(metadata={"static": True})
     n_in: int = dataclasses.field(metadata={"static": True})
     path: str = dataclasses.field(default="", metadata={"static": True})
     dropout: float = dataclasses.field(default=0.0, metadata={"static": True})
+    residual: bool = dataclasses.field(default=False, metadata={"static": True})
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -68,8 +80,8 @@ class LoRA:
 
     @property
     def dtype(self) -> Any:
-        """The dtype of the adapted kernel (that of ``w``)."""
-        return self.w.dtype
+        """The dtype of the adapted kernel (that of ``w``, or of a quantized ``w``'s original)."""
+        return jnp.dtype(self.w.dtype)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -94,10 +106,121 @@ class LoRA:
         delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
         return jnp.reshape(delta * jnp.asarray(self.scale, dtype), self.shape)
 
+    def float_w(self) -> Any:
+        """``w`` as an array: dequantized when it is a :class:`lorax.quantize.QuantizedArray`."""
+        return self.w.dequantize() if hasattr(self.w, "dequantize") else self.w
+
+    @property
+    def is_dora(self) -> bool:
+        """Whether the node carries a DoRA magnitude."""
+        return self.magnitude is not None
+
+    def dora_factor(self) -> jax.Array:
+        """DoRA's ``magnitude / ||w + scale * a @ b||_c`` (float32, ``(*stack, *out)``).
+
+        The norm comes from the factors (:func:`lorax.dora.adapted_norm`), no full-size array.
+        """
+        if self.magnitude is None:
+            raise ValueError(f"the LoRA node at {self.path!r} has no DoRA magnitude")
+        norm = dora.adapted_norm(self.float_w(), self.a, self.b, self.scale, self.n_stack,
+                                 self.n_in)
+        return dora.factor(self.magnitude, norm)
+
     def merged(self) -> jax.Array:
-        """``w + scale * a @ b`` computed in float32 and cast to ``w``'s dtype."""
-        w32 = jnp.asarray(self.w, jnp.float32)
-        return (w32 + self.delta(jnp.float32)).astype(self.dtype)
+        """``w + scale * a @ b`` computed in float32 and cast to ``w``'s dtype.
+
+        With a DoRA magnitude, ``magnitude * (w + scale * a @ b) / ||w + scale * a @ b||_c``.
+        """
+        w32 = jnp.asarray(self.float_w(), jnp.float32)
+        v = w32 + self.delta(jnp.float32)
+        if self.magnitude is not None:
+            f = self.dora_factor()
+            n_out = len(self.out_shape)
+            f = jnp.reshape(f, (*f.shape[: self.n_stack], *(1,) * self.n_in,
+                                *f.shape[len(f.shape) - n_out :]))
+            v = v * f
+        return v.astype(self.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Factors:
+    """One named adapter's factors on a kernel of a :class:`MultiLoRA` node.
+
+    Attributes:
+        a: ``(*stack, *in_dims, rank)``.
+        b: ``(*stack, rank, *out_dims)``.
+        scale: the adapter's ``alpha / rank``; static.
+        rank: static.
+    """
+
+    a: Any
+    b: Any
+    scale: float = dataclasses.field(metadata={"static": True})
+    rank: int = dataclasses.field(metadata={"static": True})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MultiLoRA:
+    """A frozen kernel with several named adapters, of which a weighted selection is active.
+
+    The adapted kernel is ``w + sum(weight_k * scale_k * a_k @ b_k)`` over the ``active``
+    adapters. :func:`lorax.lora` computes it as one LoRA of rank ``sum(rank_k)`` with
+    concatenated factors (:meth:`as_lora`), so it stays factorized. Built and edited with
+    :mod:`lorax.adapters` (``add_adapter``, ``select``, ``drop_adapter``, ``combine_adapters``).
+
+    Attributes:
+        w: the frozen base kernel.
+        adapters: ``{name: Factors}``.
+        active: ``((name, weight), ...)``, the adapters the kernel computes; static.
+        n_stack: leading stack axes; static.
+        n_in: input axes after the stack axes; static.
+        path: the kernel's '/'-joined path; static.
+        dropout: LoRA dropout rate on the adapter input; static.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> lp = lorax.add_adapter({"kernel": jnp.ones((4, 3))}, "fr", rank=2)
+        >>> node = lp["kernel"]
+        >>> sorted(node.adapters), node.active
+        (['fr'], (('fr', 1.0),))
+    """
+
+    w: Any
+    adapters: dict[str, Factors]
+    active: tuple[tuple[str, float], ...] = dataclasses.field(metadata={"static": True})
+    n_stack: int = dataclasses.field(metadata={"static": True})
+    n_in: int = dataclasses.field(metadata={"static": True})
+    path: str = dataclasses.field(default="", metadata={"static": True})
+    dropout: float = dataclasses.field(default=0.0, metadata={"static": True})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.dtype(self.w.dtype)
+
+    def as_lora(self) -> LoRA | None:
+        """The active adapters as one :class:`LoRA` node of rank ``sum(rank_k)`` and scale 1
+        (``b_k`` pre-multiplied by ``weight_k * scale_k``), or ``None`` when none is active."""
+        chosen = [(self.adapters[n], wt) for n, wt in self.active if n in self.adapters]
+        if not chosen:
+            return None
+        a = jnp.concatenate([f.a for f, _ in chosen], axis=-1)
+        b = jnp.concatenate([f.b * jnp.asarray(wt * f.scale, f.b.dtype) for f, wt in chosen],
+                            axis=self.n_stack)
+        return LoRA(w=self.w, a=a, b=b, scale=1.0, rank=sum(f.rank for f, _ in chosen),
+                    n_stack=self.n_stack, n_in=self.n_in, path=self.path, dropout=self.dropout)
+
+    def merged(self) -> jax.Array:
+        """``w`` plus the active adapters, in float32, cast to ``w``'s dtype."""
+        node = self.as_lora()
+        if node is not None:
+            return node.merged()
+        return self.w.dequantize() if hasattr(self.w, "dequantize") else self.w
 
 
 @jax.tree_util.register_dataclass
@@ -129,13 +252,14 @@ def is_lora(x: Any) -> bool:
 
 
 def is_node(x: Any) -> bool:
-    """Whether ``x`` is a :class:`LoRA` node or a :class:`FullyTrained` box."""
-    return isinstance(x, (LoRA, FullyTrained))
+    """Whether ``x`` is a :class:`LoRA` or :class:`MultiLoRA` node or a :class:`FullyTrained`
+    box."""
+    return isinstance(x, (LoRA, MultiLoRA, FullyTrained))
 
 
 def unbox(x: Any) -> Any:
     """The array a node stands for in a base model: ``w`` for LoRA, the value of a box."""
-    if isinstance(x, LoRA):
+    if isinstance(x, (LoRA, MultiLoRA)):
         return x.w
     if isinstance(x, FullyTrained):
         return x.value

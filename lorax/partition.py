@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from lorax.node import FullyTrained, LoRA, is_node
+from lorax.node import FullyTrained, LoRA, MultiLoRA, is_node
 
 
 def _mark(node: Any) -> Any:
@@ -17,7 +17,11 @@ def _mark(node: Any) -> Any:
 
     if isinstance(node, LoRA):
         return dataclasses.replace(node, w=keep(node.w, False), a=keep(node.a, True),
-                                   b=keep(node.b, True))
+                                   b=keep(node.b, True), magnitude=keep(node.magnitude, True))
+    if isinstance(node, MultiLoRA):
+        adapters = {name: dataclasses.replace(f, a=keep(f.a, True), b=keep(f.b, True))
+                    for name, f in node.adapters.items()}
+        return dataclasses.replace(node, w=keep(node.w, False), adapters=adapters)
     if isinstance(node, FullyTrained):
         return FullyTrained(keep(node.value, True))
     return False
@@ -27,7 +31,9 @@ def trainable(tree: Any) -> Any:
     """A bool mask with the structure of ``tree``: True for factors and ``train`` leaves.
 
     LoRA nodes become ``LoRA(w=False, a=True, b=True)`` masks, so the mask flattens to one bool
-    per array leaf of ``tree`` (optax's mask convention).
+    per array leaf of ``tree`` (optax's mask convention); a quantized ``w``
+    (:class:`lorax.QuantizedArray`, codes and scales) gets one ``False``, so the mask is then a
+    prefix of ``tree``, which optax also accepts.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorax
@@ -53,9 +59,9 @@ def split(tree: Any) -> tuple[Any, Any]:
         >>> train["kernel"].w is None, frozen["kernel"].a is None
         (True, True)
     """
-    mask = trainable(tree)
-    keep = jax.tree.map(lambda x, m: x if m else None, tree, mask)
-    drop = jax.tree.map(lambda x, m: None if m else x, tree, mask)
+    mask = trainable(tree)  # a prefix of `tree` (a quantized w is one frozen unit)
+    keep = jax.tree.map(lambda m, x: x if m else None, mask, tree)
+    drop = jax.tree.map(lambda m, x: None if m else x, mask, tree)
     return keep, drop
 
 

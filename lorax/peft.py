@@ -42,8 +42,10 @@ of module names, one per layer in stack order; PEFT has one module per layer, so
 a stacked kernel must share one rank and alpha. More than one stack axis is not supported.
 
 Only LoRA on ``Linear``-like and ``Embedding`` modules is supported (no convolutions), with
-``bias="none"``, ``fan_in_fan_out=False`` and without DoRA; :func:`load` rejects anything else
-with a ``ValueError`` naming the setting or tensor.
+``bias="none"`` and ``fan_in_fan_out=False``; :func:`load` rejects anything else with a
+``ValueError`` naming the setting or tensor. DoRA nodes (``lorax.wrap(..., dora=True)``) on
+``Linear``-like kernels are written with ``use_dora: true`` and one
+``<module>.lora_magnitude_vector`` tensor ``(out_features,)`` per module, as PEFT saves them.
 
 Example:
     >>> import tempfile, jax.numpy as jnp, lorax, lorax.peft
@@ -95,10 +97,10 @@ _LORA_SUFFIXES = {
     ".lora_B.weight": "B",
     ".lora_embedding_A": "A",
     ".lora_embedding_B": "B",
+    ".lora_magnitude_vector": "M",  # DoRA (PEFT drops the ".weight" of the DoraLayer)
 }
 # Config settings that change what the adapter computes and that lorax does not implement.
 _UNSUPPORTED_IF_SET = (
-    "use_dora",
     "lora_bias",
     "layer_replication",
     "target_parameters",
@@ -300,10 +302,17 @@ class _Adapter:
     embedding: bool
     a: np.ndarray  # (r, in): lora_A
     b: np.ndarray  # (out, r): lora_B
+    magnitude: np.ndarray | None = None  # (out,): DoRA's lora_magnitude_vector
 
 
 def _adapters_of(path: str, node: LoRA, target: TorchParam | None, use_rslora: bool
                  ) -> list[_Adapter]:
+    if node.residual:
+        raise ValueError(
+            f"the LoRA kernel {path!r} was initialised with PiSSA: its base is the residual "
+            "W - s*a0@b0, not the original weight PEFT would load it onto; convert it first "
+            "with lorax.pissa.to_lora(tree, initial_tree) (a LoRA of rank 2r over the original W)"
+        )
     if target is None:
         raise ValueError(
             f"the LoRA kernel {path!r} has no PyTorch module in `name_map`; map it to the "
@@ -339,9 +348,17 @@ def _adapters_of(path: str, node: LoRA, target: TorchParam | None, use_rslora: b
     root = math.sqrt(node.rank) if use_rslora else node.rank
     alpha = _nice(float(node.scale) * root)
     embedding = _is_embedding(target, path)
+    magnitudes = [None] * layers
+    if node.magnitude is not None:
+        if embedding:
+            raise ValueError(
+                f"the DoRA kernel {path!r} is an embedding; lorax.peft writes DoRA only for "
+                "Linear-like modules"
+            )
+        magnitudes = list(np.asarray(node.magnitude).reshape(layers, out_size))
     return [
         _Adapter(module, path, node.rank, alpha, embedding,
-                 np.ascontiguousarray(a[i].T), np.ascontiguousarray(b[i].T))
+                 np.ascontiguousarray(a[i].T), np.ascontiguousarray(b[i].T), magnitudes[i])
         for i, module in enumerate(target.modules)
     ]
 
@@ -436,6 +453,11 @@ def save(
         target = _resolve(name_map, path)
         if target is not None:
             known_modules.update(target.modules)
+        if is_node(leaf) and hasattr(leaf, "adapters"):  # a MultiLoRA node
+            raise ValueError(
+                f"the kernel {path!r} has named adapters {sorted(leaf.adapters)}; export one "
+                "at a time: lorax.peft.save(d, lorax.adapters.get_adapter(tree, name), ...)"
+            )
         if isinstance(leaf, LoRA):
             adapters += _adapters_of(path, leaf, target, use_rslora)
             dropouts.setdefault(float(leaf.dropout), path)
@@ -461,6 +483,12 @@ def save(
     if not adapters:
         raise ValueError(
             "expected `tree` to hold LoRA nodes (from lorax.wrap or lorax.peft.load), got none"
+        )
+    dora_paths = {a.magnitude is not None: a.path for a in adapters}
+    if len(dora_paths) > 1:
+        raise ValueError(
+            f"PEFT has one use_dora per adapter, but {dora_paths[True]!r} is a DoRA kernel and "
+            f"{dora_paths[False]!r} is not"
         )
     if len(dropouts) > 1:
         (d0, p0), (d1, p1) = list(dropouts.items())[:2]
@@ -490,6 +518,9 @@ def save(
             "lora_A.weight", "lora_B.weight")
         tensors[f"{PREFIX}{adapter.module}.{names[0]}"] = adapter.a
         tensors[f"{PREFIX}{adapter.module}.{names[1]}"] = adapter.b
+        if adapter.magnitude is not None:
+            tensors[f"{PREFIX}{adapter.module}.lora_magnitude_vector"] = np.ascontiguousarray(
+                adapter.magnitude)
     for module in sorted(trained_modules):
         clashes = [m for m in known_modules if m != module and _module_to_save_matches(module, m)]
         if clashes:
@@ -527,7 +558,7 @@ def save(
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": adapters[0].magnitude is not None,
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -555,17 +586,17 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         ValueError: naming the file and setting, for a missing or malformed file, a
             ``peft_type`` other than ``"LORA"``, ``fan_in_fan_out``, ``bias != "none"`` or a
-            LoRA variant lorax does not implement (DoRA, LoRA bias, ...).
+            LoRA variant lorax does not implement (LoRA bias, layer replication, ...).
 
     Example:
         >>> import json, tempfile, pathlib
         >>> with tempfile.TemporaryDirectory() as d:
         ...     _ = (pathlib.Path(d) / "adapter_config.json").write_text(
-        ...         json.dumps({"peft_type": "LORA", "r": 8, "use_dora": True}))
+        ...         json.dumps({"peft_type": "LORA", "r": 8, "lora_bias": True}))
         ...     read_config(d)
         Traceback (most recent call last):
         ...
-        ValueError: .../adapter_config.json sets use_dora=True (DoRA), which lorax.peft does ...
+        ValueError: .../adapter_config.json sets lora_bias=True, which lorax.peft does not ...
     """
     path = Path(directory) / CONFIG_NAME
     try:
@@ -592,9 +623,8 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
         )
     for key in _UNSUPPORTED_IF_SET:
         if config.get(key):
-            what = " (DoRA)" if key == "use_dora" else ""
             raise ValueError(
-                f"{path} sets {key}={config[key]!r}{what}, which lorax.peft does not support"
+                f"{path} sets {key}={config[key]!r}, which lorax.peft does not support"
             )
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
@@ -753,7 +783,13 @@ def load(
 
     nodes: dict[str, LoRA] = {}
     stacked: dict[str, tuple[_Slot, list[tuple[int, np.ndarray, np.ndarray, int, float]]]] = {}
+    use_dora = bool(config.get("use_dora", False))
     for module, sides in factors.items():
+        if "A" not in sides and "B" not in sides:
+            raise ValueError(
+                f"tensor {sides['M'][0]!r} is a DoRA magnitude without lora_A/lora_B tensors in "
+                f"{str(directory / WEIGHTS_NAME)!r}"
+            )
         for side in ("A", "B"):
             if side not in sides:
                 other = "B" if side == "A" else "A"
@@ -788,12 +824,16 @@ def load(
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         a = A.T.reshape(*in_shape, rank)
         b = B.T.reshape(rank, *out_shape)
+        m = _magnitude(directory, module, sides, use_dora, out_shape, _is_embedding(target,
+                                                                                  slot.path))
         if n_stack:
-            stacked.setdefault(slot.path, (slot, []))[1].append((slot.layer, a, b, rank, scale))
+            stacked.setdefault(slot.path, (slot, []))[1].append(
+                (slot.layer, a, b, rank, scale, m))
             continue
         nodes[slot.path] = LoRA(
             w=w, a=_as_factor(a, dtype), b=_as_factor(b, dtype), scale=scale, rank=rank,
             n_stack=0, n_in=n_in, path=slot.path, dropout=dropout,
+            magnitude=None if m is None else jnp.asarray(m),
         )
     for path, (slot, layers) in stacked.items():
         nodes[path] = _stack_layers(path, slot, layers, dropout, dtype)
@@ -820,6 +860,32 @@ def _as_factor(array: np.ndarray, dtype: Any) -> jax.Array:
     return jnp.asarray(array if dtype is None else array.astype(dtype))
 
 
+def _magnitude(directory: Path, module: str, sides: dict, use_dora: bool,
+               out_shape: tuple[int, ...], embedding: bool) -> np.ndarray | None:
+    """The module's DoRA magnitude reshaped to the kernel's output axes (float32), or None."""
+    if "M" not in sides:
+        if use_dora:
+            raise ValueError(
+                f"{directory / CONFIG_NAME} sets use_dora=True (DoRA) but module {module!r} has "
+                f"no lora_magnitude_vector tensor in {str(directory / WEIGHTS_NAME)!r}"
+            )
+        return None
+    key, array = sides["M"]
+    if not use_dora:
+        raise ValueError(
+            f"tensor {key!r} is a DoRA magnitude but {directory / CONFIG_NAME} does not set "
+            "use_dora=True"
+        )
+    if embedding:
+        raise ValueError(f"tensor {key!r}: DoRA on embeddings is not supported by lorax.peft")
+    if array.size != math.prod(out_shape) or array.ndim != 1:
+        raise ValueError(
+            f"tensor {key!r} has shape {list(array.shape)}, expected [{math.prod(out_shape)}] "
+            f"(out_features of module {module!r})"
+        )
+    return np.asarray(array, np.float32).reshape(out_shape)
+
+
 def _stack_layers(path: str, slot: _Slot, layers: list, dropout: float, dtype: Any) -> LoRA:
     layers = sorted(layers, key=lambda item: item[0])
     count = len(slot.target.modules)
@@ -841,5 +907,6 @@ def _stack_layers(path: str, slot: _Slot, layers: list, dropout: float, dtype: A
     n_in = _kernel_n_in(slot.target, path, w.ndim - 1)
     a = np.stack([item[1] for item in layers])
     b = np.stack([item[2] for item in layers])
+    m = None if layers[0][5] is None else jnp.asarray(np.stack([item[5] for item in layers]))
     return LoRA(w=w, a=_as_factor(a, dtype), b=_as_factor(b, dtype), scale=scales.pop(),
-                rank=ranks.pop(), n_stack=1, n_in=n_in, path=path, dropout=dropout)
+                rank=ranks.pop(), n_stack=1, n_in=n_in, path=path, dropout=dropout, magnitude=m)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as prims
 
+from lorax import dora, routing
 from lorax.node import LoRA
 
 
@@ -41,6 +42,8 @@ class LoRAValue:
     node: LoRA
     key: Any
     perm: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+    # Per-example adapters (lorax.routing): a, b carry a batch axis after the stack axes.
+    routed: bool = dataclasses.field(default=False, metadata={"static": True})
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -51,7 +54,7 @@ class LoRAValue:
         return len(self.perm)
 
     def with_node(self, node: LoRA, perm: tuple[int, ...] | None = None) -> LoRAValue:
-        return LoRAValue(node, self.key, self.perm if perm is None else perm)
+        return LoRAValue(node, self.key, self.perm if perm is None else perm, self.routed)
 
     def base(self) -> jax.Array:
         """The frozen kernel in the program's layout."""
@@ -59,6 +62,8 @@ class LoRAValue:
 
     def materialize(self, primitive: str) -> jax.Array:
         """``w + s * a @ b`` in the program's layout, with a warning: full-size cost."""
+        if self.routed:
+            raise routing.routing_error(self.node, f"`{primitive}` consumes it")
         warnings.warn(
             f"lorax.lora: `{primitive}` consumes the LoRA kernel at {self.node.path!r} in a way "
             "that cannot be factorized; materializing W + s*A@B (full-size compute and memory)",
@@ -100,6 +105,24 @@ def _split_error(v: LoRAValue, primitive: str, contracted: list[int]) -> ValueEr
         f"in_axes={node.n_in} (input axes {list(ins)});"
         + (suggestion or " its factors cannot express this use; choose `in_axes` to match")
     )
+
+
+def _dora_scale(node: LoRA, ndim: int, positions: dict[int, int], dtype: Any) -> jax.Array:
+    """DoRA's ``m / ||W + sAB||_c`` laid out for an array of rank ``ndim`` (size-1 elsewhere).
+
+    ``positions`` maps each canonical stack/output axis of the node to an axis of the target.
+    The norm is gradient-stopped (the paper's section 4.3); ``m`` gets its gradient here.
+    """
+    norm = dora.adapted_norm(node.w, node.a, node.b, node.scale, node.n_stack, node.n_in)
+    f = dora.factor(node.magnitude, lax.stop_gradient(norm))
+    stack, _, outs = _axis_groups(node)
+    canonical = [*stack, *outs]  # f's axes
+    order = sorted(range(len(canonical)), key=lambda k: positions[canonical[k]])
+    f = _transpose(f, tuple(order))
+    shape = [1] * ndim
+    for k in order:
+        shape[positions[canonical[k]]] = node.shape[canonical[k]]
+    return jnp.reshape(f, shape).astype(dtype)
 
 
 def _lowrank_dot(v: LoRAValue, x: jax.Array, x_contract, x_batch, w_contract, w_batch, side,
@@ -161,18 +184,39 @@ def dot_general_rule(invals, params):
     side = 1 if isinstance(rhs, LoRAValue) else 0
     v, x = (rhs, lhs) if side == 1 else (lhs, rhs)
     xc, xb, wc, wb = (lc, lb, rc, rb) if side == 1 else (rc, rb, lc, lb)
+    if v.routed:
+        return routing.routed_dot(v, x, list(xc), list(xb), list(wc), list(wb), side, params,
+                                  _dropout)
+    node = v.node
+    stack, _, outs = _axis_groups(node)
+    cw, bw = [v.perm[d] for d in wc], [v.perm[d] for d in wb]
+    dora_out = node.magnitude is not None and sorted(cw) != list(outs)
+    if node.magnitude is not None and not dora_out and sorted(bw) == list(stack):
+        # W's output axes are contracted (``x @ W.T``, e.g. Embed.attend): scale x instead.
+        positions = {**dict(zip(cw, xc, strict=True)), **dict(zip(bw, xb, strict=True))}
+        x = x * _dora_scale(node, x.ndim, positions, x.dtype)
     low = _lowrank_dot(v, x, list(xc), list(xb), list(wc), list(wb), side, params)
     if low is None:
         return None
     operands = (x, v.base()) if side == 1 else (v.base(), x)
     y = prims.dot_general_p.bind(*operands, **params)
-    return y + low.astype(y.dtype)
+    y = y + low.astype(y.dtype)
+    if dora_out:
+        # y = (*batch, *x_free, *w_free) for rhs kernels, (*batch, *w_free, *x_free) for lhs.
+        free = [v.perm[d] for d in range(v.ndim) if d not in wc and d not in wb]
+        first = y.ndim - len(free) if side == 1 else len(bw)
+        positions = {c: k for k, c in enumerate(bw)}
+        positions.update({c: first + j for j, c in enumerate(free)})
+        y = y * _dora_scale(node, y.ndim, positions, y.dtype)
+    return y
 
 
 def conv_rule(invals, params):
     lhs, rhs = invals
     if isinstance(lhs, LoRAValue) or params["feature_group_count"] != 1:
         return None
+    if rhs.routed:
+        raise routing.routing_error(rhs.node, "a convolution consumes it")
     if params["batch_group_count"] != 1:
         return None
     v = rhs
@@ -193,7 +237,10 @@ def conv_rule(invals, params):
     feature = dn.out_spec[1]
     low = lax.dot_general(t, node.b.astype(t.dtype), (([feature], [0]), ([], [])),
                           precision=params.get("precision"))
-    return y + jnp.moveaxis(low, -1, feature).astype(y.dtype)
+    y = y + jnp.moveaxis(low, -1, feature).astype(y.dtype)
+    if node.magnitude is not None:
+        y = y * _dora_scale(node, y.ndim, {outs[0]: feature}, y.dtype)
+    return y
 
 
 def gather_rule(invals, params):
@@ -201,6 +248,8 @@ def gather_rule(invals, params):
     if not isinstance(operand, LoRAValue) or isinstance(indices, LoRAValue):
         return None
     v, node = operand, operand.node
+    if v.routed:
+        raise routing.routing_error(node, "a gather (embedding lookup) consumes it")
     _, ins, outs = _axis_groups(node)
     dn = params["dimension_numbers"]
     if node.n_stack or len(outs) != 1 or dn.operand_batching_dims:
@@ -218,7 +267,10 @@ def gather_rule(invals, params):
     feature = dn.offset_dims[kept.index(out_axis)]
     t = _dropout(t, v.key, node.dropout) * jnp.asarray(node.scale, t.dtype)
     low = lax.dot_general(t, node.b.astype(t.dtype), (([feature], [0]), ([], [])))
-    return y + jnp.moveaxis(low, -1, feature).astype(y.dtype)
+    y = y + jnp.moveaxis(low, -1, feature).astype(y.dtype)
+    if node.magnitude is not None:
+        y = y * _dora_scale(node, y.ndim, {outs[0]: feature}, y.dtype)
+    return y
 
 
 def transpose_rule(invals, params):
@@ -239,6 +291,8 @@ def convert_rule(invals, params):
 def reshape_rule(invals, params):
     (v,) = invals
     node = v.node
+    if v.routed:
+        return None  # materialize() names the kernel
     new = tuple(params["new_sizes"])
     s = node.n_stack
     if params.get("dimensions") is not None or v.perm != tuple(range(v.ndim)):
@@ -254,6 +308,8 @@ def reshape_rule(invals, params):
                 w=jnp.reshape(node.w, new),
                 a=jnp.reshape(node.a, (*new[:s], *ins, node.rank)),
                 b=jnp.reshape(node.b, (*new[:s], node.rank, *outs)),
+                magnitude=None if node.magnitude is None
+                else jnp.reshape(node.magnitude, (*new[:s], *outs)),
                 n_in=len(ins),
             )
             return LoRAValue(node, v.key, tuple(range(len(new))))
@@ -269,7 +325,9 @@ def stop_gradient_rule(invals, params):
     del params
     (v,) = invals
     n = v.node
-    return v.with_node(dataclasses.replace(n, a=lax.stop_gradient(n.a), b=lax.stop_gradient(n.b)))
+    m = None if n.magnitude is None else lax.stop_gradient(n.magnitude)
+    return v.with_node(dataclasses.replace(n, a=lax.stop_gradient(n.a), b=lax.stop_gradient(n.b),
+                                           magnitude=m))
 
 
 RULES = {

@@ -12,9 +12,21 @@ shards, and the rank axis (tiny) is never split. A column-sharded kernel thus ge
 an FSDP-sharded kernel factors sharded along the same mesh axes wherever its own axes are.
 
 :func:`lorax.wrap` applies this itself to kernels that are committed ``jax.Array``\\ s (or
-``jax.ShapeDtypeStruct``\\ s) with a ``NamedSharding``. :func:`partition_specs` and
-:func:`shardings` turn the base model's specs into specs for the wrapped tree, for
+``jax.ShapeDtypeStruct``\\ s) with a ``NamedSharding`` (each factor is made, then
+``device_put`` on its sharding: a factor-sized transient on one device). :func:`partition_specs`
+and :func:`shardings` turn the base model's specs into specs for the wrapped tree, for
 ``jax.jit(in_shardings=..., out_shardings=...)``.
+
+Inside ``jax.jit`` the kernels are tracers, so ``lorax.wrap`` cannot place anything; give the
+jitted function ``out_shardings`` instead and the factors are created sharded, each device
+computing only its own shard::
+
+    abstract = jax.eval_shape(lambda k: lorax.wrap(model.init(k, x)["params"], rank=8), key)
+    out = lorax.shardings(abstract, base_specs, mesh)
+    wrapped = jax.jit(lambda k: lorax.wrap(model.init(k, x)["params"], rank=8),
+                      out_shardings=out)(key)
+
+(To wrap already-placed params under ``jit``, pass ``donate_argnums=0`` so W is not copied.)
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lorax.node import FullyTrained, LoRA, is_node
+from lorax.node import FullyTrained, LoRA, MultiLoRA, is_array_like, is_node
 from lorax.paths import path_str
 
 # Flax logical-axis rules: ((logical_name, mesh_axes_or_None), ...).
@@ -45,7 +57,7 @@ def _padded(spec: PartitionSpec, ndim: int, where: str) -> tuple[Any, ...]:
 
 def factor_specs(
     spec: PartitionSpec,
-    node_or_ndim: LoRA | int,
+    node_or_ndim: LoRA | MultiLoRA | int,
     *,
     n_stack: int = 0,
     n_in: int | None = None,
@@ -54,8 +66,8 @@ def factor_specs(
 
     Args:
         spec: the kernel's ``PartitionSpec``; missing trailing entries mean ``None``.
-        node_or_ndim: a :class:`lorax.LoRA` node (its ``n_stack``/``n_in`` are used), or the
-            kernel's number of dims.
+        node_or_ndim: a :class:`lorax.LoRA` (or ``MultiLoRA``) node, whose ``n_stack``/``n_in``
+            are used, or the kernel's number of dims.
         n_stack: with an int ``node_or_ndim``: leading stacked (``nn.scan``) axes.
         n_in: with an int ``node_or_ndim``: input axes after the stack; default all but the last
             (check it against the node for attention q/k/v kernels, where lorax uses 1).
@@ -74,7 +86,7 @@ def factor_specs(
         >>> factor_specs(P("layers", "model", None, None), 4, n_stack=1, n_in=2)
         (P('layers', 'model', None, None), P('layers', None, None))
     """
-    if isinstance(node_or_ndim, LoRA):
+    if isinstance(node_or_ndim, (LoRA, MultiLoRA)):
         node = node_or_ndim
         ndim, n_stack, n_in, where = len(node.shape), node.n_stack, node.n_in, f" at {node.path!r}"
     else:
@@ -93,8 +105,8 @@ def factor_specs(
 
 def _is_box(x: Any) -> bool:
     # Flax Linen's metadata boxes (nn.Partitioned, nn.LogicallyPartitioned, ...). Flax is only
-    # imported when a tree could hold one.
-    if isinstance(x, (PartitionSpec, NamedSharding, jax.Array)) or x is None:
+    # imported when a leaf is none of the usual kinds.
+    if x is None or isinstance(x, (PartitionSpec, NamedSharding)) or is_array_like(x):
         return False
     from flax.core import meta
 
@@ -122,8 +134,9 @@ def _base_spec(x: Any, rules: Rules | None, path: str) -> PartitionSpec:
         return PartitionSpec()
     if isinstance(x, NamedSharding):
         return x.spec
-    if isinstance(x, jax.Array) and isinstance(getattr(x, "sharding", None), NamedSharding):
-        return x.sharding.spec
+    if is_array_like(x):  # an array's own layout; P() without a NamedSharding
+        sharding = None if isinstance(x, jax.core.Tracer) else getattr(x, "sharding", None)
+        return sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
     if _is_box(x):
         import flax.linen as nn
 
@@ -145,14 +158,17 @@ def partition_specs(tree: Any, base_specs: Any, *, rules: Rules | None = None) -
     Each :class:`lorax.LoRA` node becomes ``LoRA(w=spec, a=a_spec, b=b_spec, ...)`` with the
     node's static fields (so the result has the wrapped tree's structure, as ``jax.jit``'s
     ``in_shardings``/``out_shardings`` require), with the factor specs of :func:`factor_specs`;
-    each :class:`lorax.FullyTrained` box holds its leaf's spec; other leaves keep theirs.
+    a DoRA ``magnitude`` ``(*stack, *out)`` gets the kernel's stack and output entries, each
+    adapter of a ``MultiLoRA`` node the factor specs, and a quantized ``w`` (codes and scales)
+    ``P()``. Each :class:`lorax.FullyTrained` box holds its leaf's spec; other leaves keep theirs.
 
     Args:
         tree: a wrapped tree (arrays or ``jax.ShapeDtypeStruct``\\ s, e.g. from
             ``jax.eval_shape(lambda p: lorax.wrap(p, ...), params)``).
         base_specs: a tree with the structure of the *unwrapped* params whose leaves are
-            ``PartitionSpec``\\ s, ``NamedSharding``\\ s, sharded arrays (their sharding's spec),
-            ``None`` (replicated, ``P()``), or Flax boxes: ``nn.Partitioned`` (its names are
+            ``PartitionSpec``\\ s, ``NamedSharding``\\ s, arrays or ``ShapeDtypeStruct``\\ s (the
+            spec of their ``NamedSharding``; ``P()`` without one), ``None`` (replicated,
+            ``P()``), or Flax boxes: ``nn.Partitioned`` (its names are
             mesh axes) and ``nn.LogicallyPartitioned`` (its names are logical axes, mapped with
             ``rules``, else the box's rules, else the ``nn.logical_axis_rules`` context). The
             boxed variables of ``model.init`` and the output of ``nn.get_partition_spec`` or
@@ -193,15 +209,31 @@ def partition_specs(tree: Any, base_specs: Any, *, rules: Rules | None = None) -
     for (keypath, leaf), raw in zip(flat, spec_leaves, strict=True):
         path = path_str(keypath)
         spec = _base_spec(raw, rules, path)
-        if isinstance(leaf, LoRA):
-            a_spec, b_spec = factor_specs(spec, leaf)
-            w_spec = PartitionSpec(*_padded(spec, len(leaf.shape), f" at {path!r}"))
-            out.append(dataclasses.replace(leaf, w=w_spec, a=a_spec, b=b_spec))
+        if isinstance(leaf, (LoRA, MultiLoRA)):
+            out.append(_node_specs(leaf, spec))
         elif isinstance(leaf, FullyTrained):
             out.append(FullyTrained(spec))
         else:
             out.append(spec)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _node_specs(node: LoRA | MultiLoRA, spec: PartitionSpec) -> LoRA | MultiLoRA:
+    """``node`` with every array replaced by its spec (static fields kept)."""
+    a_spec, b_spec = factor_specs(spec, node)
+    # A quantized w (lorax.quantize) stores flattened blocks with no axis matching the kernel's:
+    # its codes and scales are replicated.
+    w_is_leaf = jax.tree_util.treedef_is_leaf(jax.tree.structure(node.w))
+    w_spec = spec if w_is_leaf else jax.tree.map(lambda _: PartitionSpec(), node.w)
+    if isinstance(node, MultiLoRA):
+        adapters = {name: dataclasses.replace(f, a=a_spec, b=b_spec)
+                    for name, f in node.adapters.items()}
+        return dataclasses.replace(node, w=w_spec, adapters=adapters)
+    magnitude = None
+    if node.magnitude is not None:  # DoRA: (*stack, *out), sharded like w's stack and out axes
+        entries = _padded(spec, len(node.shape), f" at {node.path!r}")
+        magnitude = PartitionSpec(*entries[: node.n_stack], *entries[node.n_stack + node.n_in :])
+    return dataclasses.replace(node, w=w_spec, a=a_spec, b=b_spec, magnitude=magnitude)
 
 
 def shardings(tree: Any, base_specs: Any, mesh: Mesh, *, rules: Rules | None = None) -> Any:

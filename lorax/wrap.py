@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax import pissa
+from lorax.dora import adapted_norm
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node, unbox
 from lorax.paths import PathSelector, Selector, first_match, hint, path_str, unmatched_keys
 from lorax.sharding import place_factors
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<k>")
 # Leaf names that regex `targets` select by their module's path alone (Flax's names for
 # Dense/Conv/Einsum kernels and Embed tables); other leaves must be named by the regex itself.
 KERNEL_NAMES = ("kernel", "embedding")
@@ -98,12 +100,15 @@ def wrap(
     dropout: float = 0.0,
     key: jax.Array | None = None,
     dtype: Any = None,
+    dora: bool = False,
 ) -> Any:
     """Replaces selected kernels of ``params`` with :class:`lorax.LoRA` nodes.
 
     The function is pure: ``params`` is not modified, and every LoRA node holds the caller's
     kernel array itself (no copy). ``b`` starts at zero, so the wrapped model computes exactly
-    what the base model computes until the factors are trained.
+    what the base model computes until the factors are trained. (With ``init="pissa"`` the
+    node holds a new residual kernel instead and ``b`` is not zero; the model is unchanged all
+    the same.)
 
     Args:
         params: a Flax Linen ``params`` dict (or FrozenDict), an ``nnx.State``, or any pytree of
@@ -127,13 +132,22 @@ def wrap(
         train: leaves to fine-tune in full (PEFT's ``modules_to_save``), boxed as
             :class:`lorax.FullyTrained`; they take precedence over ``targets``.
         init: ``"kaiming"`` (``a`` uniform in ±1/sqrt(fan_in), as PEFT) or ``"gaussian"``
-            (``a`` normal with std ``1/r``); ``b`` is zero either way.
+            (``a`` normal with std ``1/r``), with ``b`` zero; or ``"pissa"``: ``a``, ``b`` from
+            the kernel's top-``r`` singular triplets and ``w`` replaced by the residual
+            ``W - scale * a @ b`` (a new array, node marked ``residual=True``; see
+            :mod:`lorax.pissa`), ``"pissa_niter_<k>"`` likewise with a randomized SVD of ``k``
+            power iterations (fast for big kernels).
         rslora: use rank-stabilised scaling ``alpha / sqrt(rank)``.
         dropout: LoRA dropout rate on the adapter input, applied only when the
             :func:`lorax.lora`-transformed function gets a ``lora_key``.
         key: PRNG key for ``a``; ``None`` means ``jax.random.key(0)``. Each leaf's key is
             derived from its path, so the same key gives bit-identical factors.
         dtype: dtype of the factors; default the kernel's dtype.
+        dora: DoRA (arXiv 2402.09353): each node also gets a trainable ``magnitude`` per
+            output unit, initialised to the column norms of ``w + scale * a @ b`` (the norm
+            over the input axes), and computes ``magnitude * V / ||V||_c`` with
+            ``V = w + scale * a @ b``; the model is unchanged at step 0. See
+            :mod:`lorax.dora`.
 
     Returns:
         A tree of the same structure where each selected leaf is a :class:`lorax.LoRA` node and
@@ -155,12 +169,17 @@ def wrap(
     """
     _check_int(rank, "rank", None, 1)
     alpha = _check_alpha(alpha, None)
-    if init not in INITS:
+    is_pissa = isinstance(init, str) and init.startswith("pissa")
+    if is_pissa:
+        pissa.niter(init)  # validates "pissa_niter_<k>"
+    elif init not in INITS:
         raise ValueError(f"expected `init` to be one of {INITS}, got {init!r}")
     if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"expected `dropout` to be a float in [0, 1), got {dropout!r}")
     if not isinstance(rslora, bool | np.bool_):
         raise TypeError(f"expected `rslora` to be a bool, got {type(rslora).__name__}")
+    if not isinstance(dora, bool | np.bool_):
+        raise TypeError(f"expected `dora` to be a bool, got {type(dora).__name__}")
     if key is None:
         key = jax.random.key(0)
     if in_axes is not None and not isinstance(in_axes, Mapping):
@@ -268,7 +287,7 @@ def wrap(
         elif path in adapted_set:
             new_leaves.append(
                 _adapt(path, leaf, rank, alpha, rank_pattern, alpha_pattern, in_axes, stacked,
-                       init, rslora, float(dropout), key, dtype)
+                       init, rslora, float(dropout), key, dtype, dora=bool(dora))
             )
         else:
             new_leaves.append(leaf)
@@ -276,7 +295,7 @@ def wrap(
 
 
 def _adapt(path, w, rank, alpha, rank_pattern, alpha_pattern, in_axes, stacked, init, rslora,
-           dropout, key, dtype) -> LoRA:
+           dropout, key, dtype, *, dora: bool = False) -> LoRA:
     n_stack = first_match(stacked, path, "stacked") or 0
     n_stack = _check_int(n_stack, "stacked", path, 0)
     ndim = w.ndim - n_stack
@@ -304,10 +323,26 @@ def _adapt(path, w, rank, alpha, rank_pattern, alpha_pattern, in_axes, stacked, 
     a_ = alpha if a_ is None else _check_alpha(a_, path)
     scale = a_ / math.sqrt(r) if rslora else a_ / r
     factor_dtype = jnp.dtype(dtype) if dtype is not None else w.dtype
-    a, b = _init_factors(w, r, n_stack, n_in, init, _leaf_key(key, path), factor_dtype)
+    residual = init.startswith("pissa")
+    if residual:  # PiSSA: w becomes the residual W - s·a·b
+        a, b, w = pissa.init_factors(w, r, scale, n_stack, n_in, init, _leaf_key(key, path),
+                                     factor_dtype)
+    else:
+        a, b = _init_factors(w, r, n_stack, n_in, init, _leaf_key(key, path), factor_dtype)
     a, b = place_factors(w, a, b, n_stack, n_in)  # on w's NamedSharding, if it has one
-    return LoRA(w=w, a=a, b=b, scale=scale, rank=r, n_stack=n_stack, n_in=n_in, path=path,
-                dropout=dropout)
+    magnitude = _dora_magnitude(w, a, b, scale, n_stack, n_in, factor_dtype) if dora else None
+    return LoRA(w=w, a=a, b=b, magnitude=magnitude, scale=scale, rank=r, n_stack=n_stack,
+                n_in=n_in, path=path, dropout=dropout, residual=residual)
+
+
+def _dora_magnitude(w, a, b, scale, n_stack, n_in, dtype):
+    # ||w + s·a·b||_c, so m / ||.||_c = 1 and the model is unchanged at step 0; kept in at
+    # least float32 (a bf16 magnitude would move the model by its rounding at step 0).
+    dtype = jnp.promote_types(dtype, jnp.float32)
+    shape = (*w.shape[:n_stack], *w.shape[n_stack + n_in :])
+    if isinstance(w, jax.ShapeDtypeStruct) or isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return adapted_norm(w, a, b, scale, n_stack, n_in).astype(dtype)
 
 
 def unwrap(tree: Any) -> Any:
