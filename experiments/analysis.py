@@ -65,7 +65,8 @@ def _plot(rows: list[dict], grids: dict[str, np.ndarray], out: str, ranks) -> li
     paths = sorted(grids)
     cols = min(len(paths), 6)
     nrows = (len(paths) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.3 * cols + 1, 2.3 * nrows), squeeze=False,
+                             constrained_layout=True)
     for ax in axes.flat[len(paths):]:
         ax.axis("off")
     for ax, path in zip(axes.flat, paths, strict=False):
@@ -73,8 +74,11 @@ def _plot(rows: list[dict], grids: dict[str, np.ndarray], out: str, ranks) -> li
                           origin="lower", extent=(0.5, grids[path].shape[1] + 0.5, 0.5,
                                                   grids[path].shape[0] + 0.5))
         ax.set_title(path.replace("bert/encoder/", "").replace("/kernel", ""), fontsize=7)
+    for ax in axes[-1]:
         ax.set_xlabel(f"j (r={ranks[1]})", fontsize=7)
+    for ax in axes[:, 0]:
         ax.set_ylabel(f"i (r={ranks[0]})", fontsize=7)
+    for ax in axes.flat:
         ax.tick_params(labelsize=6)
     fig.colorbar(image, ax=axes, shrink=0.6, label="φ(i, j)")
     heat = os.path.join(out, "subspace_similarity.png")

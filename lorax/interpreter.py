@@ -24,7 +24,7 @@ from jax.extend.core import primitives as prims
 from lorax import routing
 from lorax.node import LoRA, MultiLoRA, is_array_like, is_lora, is_node, unbox
 from lorax.quantize import is_quantized
-from lorax.rules import RULES, LoRAValue
+from lorax.rules import NAMED_RULES, RULES, LoRAValue
 
 
 def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -164,6 +164,8 @@ def _lora_eqn(eqn, invals):
     if higher is not None:
         return higher(eqn.params, invals)
     rule = RULES.get(eqn.primitive)
+    if rule is None and eqn.primitive.name in NAMED_RULES:
+        rule = NAMED_RULES[eqn.primitive.name](eqn.primitive)
     if rule is not None:
         out = rule(invals, eqn.params)
         if out is not None:

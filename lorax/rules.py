@@ -125,6 +125,21 @@ def _dora_scale(node: LoRA, ndim: int, positions: dict[int, int], dtype: Any) ->
     return jnp.reshape(f, shape).astype(dtype)
 
 
+def _rank_sharding(x: jax.Array, x_contract, x_batch, side: int) -> Any:
+    """On meshes with Explicit axes, the sharding of ``x·a`` (``None`` elsewhere): x's batch
+    and free axes keep their mesh axes, the rank axis is unsharded. JAX needs it spelled out
+    when a contracted axis is sharded (row-parallel W, whose ``a`` is sharded the same way)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types or ()):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    batch = [spec[d] for d in x_batch]
+    free = [spec[d] for d in range(x.ndim) if d not in x_contract and d not in x_batch]
+    rank_spec = (*batch, *free, None) if side == 1 else (*batch, None, *free)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*rank_spec))
+
+
 def _lowrank_dot(v: LoRAValue, x: jax.Array, x_contract, x_batch, w_contract, w_batch, side,
                  params) -> jax.Array | None:
     """The low-rank term of ``dot_general`` with ``v`` on ``side`` (0 = lhs, 1 = rhs)."""
@@ -152,14 +167,16 @@ def _lowrank_dot(v: LoRAValue, x: jax.Array, x_contract, x_batch, w_contract, w_
     precision, pref = params.get("precision"), params.get("preferred_element_type")
     if side == 1:
         t = lax.dot_general(x, first, ((x_contract, first_axes), (x_batch, bw)),
-                            precision=precision)
+                            precision=precision,
+                            out_sharding=_rank_sharding(x, x_contract, x_batch, side))
         t = t * jnp.asarray(node.scale, t.dtype)
         y = lax.dot_general(t, second, (([t.ndim - 1], [second_r_axis]), (range(nb), bw)),
                             precision=precision, preferred_element_type=pref)
         n_lead = y.ndim - len(free_canonical)  # batch + x-free axes come first
     else:
         t = lax.dot_general(first, x, ((first_axes, x_contract), (bw, x_batch)),
-                            precision=precision)
+                            precision=precision,
+                            out_sharding=_rank_sharding(x, x_contract, x_batch, side))
         t = t * jnp.asarray(node.scale, t.dtype)
         # t: (*batch, r, *x_free); contract r with the second factor's rank axis.
         y = lax.dot_general(second, t, (([second_r_axis], [nb]), (bw, range(nb))),
@@ -329,6 +346,27 @@ def stop_gradient_rule(invals, params):
     return v.with_node(dataclasses.replace(n, a=lax.stop_gradient(n.a), b=lax.stop_gradient(n.b),
                                            magnitude=m))
 
+
+def per_array_rule(primitive):
+    """A rule applying a shape-preserving primitive to ``w``, ``a``, ``b`` (and ``magnitude``)
+    separately, so the kernel stays factorized (e.g. ``pvary``, which ``shard_map`` inserts to
+    mark a replicated W as device-varying)."""
+
+    def rule(invals, params):
+        (v,) = invals
+        n = v.node
+
+        def apply(x):
+            return None if x is None else primitive.bind(x, **params)
+
+        return v.with_node(dataclasses.replace(n, w=apply(n.w), a=apply(n.a), b=apply(n.b),
+                                               magnitude=apply(n.magnitude)))
+
+    return rule
+
+
+# Primitives that `jax.extend` does not export, matched by name.
+NAMED_RULES = {"pvary": per_array_rule}
 
 RULES = {
     prims.dot_general_p: dot_general_rule,

@@ -42,7 +42,10 @@ def _trained(tree, seed=1):
             return lorax.FullyTrained(node.value + 1)
         return node
 
-    return jax.tree.map(bump, tree, is_leaf=lambda x: isinstance(x, lorax.LoRA | lorax.FullyTrained))
+    def is_node(x):
+        return isinstance(x, lorax.LoRA | lorax.FullyTrained)
+
+    return jax.tree.map(bump, tree, is_leaf=is_node)
 
 
 def _same_bits(x, y):
@@ -57,16 +60,17 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
     opt_state = tx.init(lp)
     grads = jax.tree.map(jnp.ones_like, lp)
     _, opt_state = tx.update(grads, opt_state, lp)  # non-trivial Adam moments
-    fresh = lorax.wrap(_params(dtype), rank=4, train="^head/", targets="attn|mlp", key=jax.random.key(7))
+    fresh = lorax.wrap(_params(dtype), rank=4, train="^head/", targets="attn|mlp",
+                       key=jax.random.key(7))
     with lorax.CheckpointManager(tmp_path) as mgr:
         mgr.save(3, lp, opt_state=opt_state, data={"batch": 17})
         mgr.wait_until_finished()
         restored = mgr.restore(fresh, opt_state=tx.init(fresh))
     assert restored.step == 3 and restored.data == {"batch": 17}
     got, want = jax.tree.leaves(restored.tree), jax.tree.leaves(lp)
-    assert len(got) == len(want) and all(_same_bits(g, w) for g, w in zip(got, want))
+    assert len(got) == len(want) and all(_same_bits(g, w) for g, w in zip(got, want, strict=True))
     got, want = jax.tree.leaves(restored.opt_state), jax.tree.leaves(opt_state)
-    assert len(got) == len(want) and all(_same_bits(g, w) for g, w in zip(got, want))
+    assert len(got) == len(want) and all(_same_bits(g, w) for g, w in zip(got, want, strict=True))
     # The frozen W in the result are the ones of the tree restored into, not copies from disk.
     assert restored.tree["mlp"]["kernel"].w is fresh["mlp"]["kernel"].w
 
@@ -78,7 +82,8 @@ def test_save_restore_functions_and_extra(tmp_path):
     assert lorax.save(tmp_path, lp, extra=extra) == 1
     like = lorax.wrap(_params(), rank=2, targets="attn|mlp")
     tree, got_extra = lorax.restore(tmp_path, like, extra=extra)
-    assert all(_same_bits(a, b) for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(lp)))
+    pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(lp), strict=True)
+    assert all(_same_bits(a, b) for a, b in pairs)
     assert _same_bits(got_extra["ema"], extra["ema"])
     old = lorax.restore(tmp_path, like, step=0)
     assert _same_bits(old["mlp"]["kernel"].b, lp["mlp"]["kernel"].b)
@@ -118,7 +123,8 @@ def test_mismatches_are_listed(tmp_path):
     other = _params()
     other["head"]["kernel"] = jnp.ones((64, 2))
     _expect_mismatch(tmp_path, lorax.wrap(other, rank=4, targets="attn|mlp"),
-                     "head/kernel: base saved [[64, 1], 'float32'] vs expected [[64, 2], 'float32']")
+                     "head/kernel: base saved [[64, 1], 'float32'] vs expected "
+                     "[[64, 2], 'float32']")
 
 
 def test_missing_checkpoint(tmp_path):

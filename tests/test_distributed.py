@@ -53,9 +53,6 @@ MESHES = {"dp": {"data": 8}, "fsdp": {"data": 2, "fsdp": 4}, "tp": {"data": 2, "
 MODES = (*MESHES, "pmap", "shard_map", "shard_map_pcast")
 # shard_map's default check_vma=True inserts `pvary` on the replicated W, which lorax.lora
 # cannot factorize yet (materializes W + s*A@B with a LoRAFallbackWarning): a lorax bug.
-VMA_BUG = "lorax.lora has no rule for the `pvary` primitive shard_map inserts on replicated W"
-
-
 # ----------------------------------------------------------------------------- HLO collectives
 
 
@@ -427,7 +424,6 @@ def test_lora_adds_collectives_only_where_parallelism_needs_them(modes_report):
     assert {op for op, *_ in tp["extra"]} == {"all-reduce"}
 
 
-@pytest.mark.xfail(strict=True, reason=VMA_BUG)
 def test_shard_map_with_default_check_vma(modes_report):
     _check_mode(modes_report, "shard_map_vma")
 

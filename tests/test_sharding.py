@@ -459,12 +459,6 @@ CHECKS = {
     "explicit_mesh_data_parallel": _check_explicit_mesh_data_parallel,
     "explicit_mesh_tensor_parallel": _check_explicit_mesh_tensor_parallel,
 }
-# Explicit-axes meshes: lorax.rules' factorized dot_general binds x·a without `out_sharding`,
-# which JAX rejects when a's sharded input axis is contracted (a row-parallel W's factor).
-EXPLICIT_TP_BUG = ("lorax.lora's low-rank dot_general passes no out_sharding: ShardingTypeError "
-                   "for a row-parallel W on an Explicit mesh")
-
-
 def _worker(report_path: str) -> None:
     jax.config.update("jax_numpy_rank_promotion", "raise")
     warnings.simplefilter("error")
@@ -492,9 +486,7 @@ def report(tmp_path_factory) -> dict[str, str]:
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=EXPLICIT_TP_BUG))
-    if name == "explicit_mesh_tensor_parallel" else name for name in CHECKS])
+@pytest.mark.parametrize("name", list(CHECKS))
 def test_on_8_devices(report, name):
     assert report[name] == "ok", report[name]
 
