@@ -83,6 +83,14 @@ def put_adapter(tree: Any, name: str, lora_tree: Any, *, activate: bool = False)
 
     Raises:
         ValueError: for structures that differ, or a node whose axes differ (naming its path).
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> params = {"kernel": jnp.ones((4, 4))}
+        >>> tree = lorax.add_adapter(params, "en", rank=2)
+        >>> tree = lorax.adapters.put_adapter(tree, "fr", lorax.wrap(params, rank=1))
+        >>> sorted(tree["kernel"].adapters)
+        ['en', 'fr']
     """
     _check_name(name)
     flat, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_node)
@@ -166,6 +174,13 @@ def get_adapter(tree: Any, name: str) -> Any:
 
     Raises:
         ValueError: when no node has an adapter ``name``.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> tree = lorax.add_adapter({"kernel": jnp.ones((4, 4))}, "en", rank=2)
+        >>> node = lorax.get_adapter(tree, "en")["kernel"]
+        >>> lorax.is_lora(node), node.rank
+        (True, 2)
     """
     _require(tree, [name], "name")
 
@@ -223,6 +238,15 @@ def drop_adapter(tree: Any, name: str) -> Any:
 
     Raises:
         ValueError: when no node has an adapter ``name``.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> params = {"kernel": jnp.ones((4, 4))}
+        >>> tree = lorax.add_adapter(lorax.add_adapter(params, "en", rank=2), "fr", rank=1)
+        >>> sorted(lorax.drop_adapter(tree, "fr")["kernel"].adapters)
+        ['en']
+        >>> lorax.drop_adapter(lorax.drop_adapter(tree, "fr"), "en")["kernel"] is params["kernel"]
+        True
     """
     _require(tree, [name], "name")
 

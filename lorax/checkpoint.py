@@ -280,6 +280,18 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
     With ``extra`` (a like-tree), returns ``(tree, extra)``. Raises
     :class:`CheckpointMismatchError` listing every path whose rank, axes, shape or dtype
     differs, or that exists on one side only.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, lorax
+        >>> params = {"kernel": jnp.ones((4, 4))}
+        >>> directory = tempfile.mkdtemp()
+        >>> _ = lorax.save(directory, lorax.wrap(params, rank=2))
+        >>> lorax.restore(directory, lorax.wrap(params, rank=2))["kernel"].rank
+        2
+        >>> lorax.restore(directory, lorax.wrap(params, rank=1))
+        Traceback (most recent call last):
+        ...
+        lorax.checkpoint.CheckpointMismatchError: checkpoint ... does not fit the tree ...
     """
     with CheckpointManager(directory, async_save=False) as manager:
         restored = manager.restore(like, step, extra=extra)

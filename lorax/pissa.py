@@ -159,5 +159,14 @@ def to_lora(tree: Any, initial: Any) -> Any:
 
 
 def is_residual(x: Any) -> bool:
-    """Whether ``x`` is a LoRA node over a PiSSA residual base."""
+    """Whether ``x`` is a LoRA node over a PiSSA residual base.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> params = {"kernel": jnp.eye(4)}
+        >>> is_residual(lorax.wrap(params, rank=2, init="pissa")["kernel"])
+        True
+        >>> is_residual(lorax.wrap(params, rank=2)["kernel"])
+        False
+    """
     return isinstance(x, LoRA) and x.residual
