@@ -25,6 +25,17 @@ def _baselines(records: list[dict]) -> list[dict]:
     return [r for r in records if r["rank"] is None]
 
 
+def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_metric_vs_rank(records: list[dict], path: str, metric: str = "pearson") -> None:
     """Test ``metric`` against rank (log2 axis), one line per target set, baselines dashed."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -34,14 +45,7 @@ def plot_metric_vs_rank(records: list[dict], path: str, metric: str = "pearson")
         color, style = BASELINE_STYLE.get(r["method"], ("tab:red", "-."))
         ax.axhline(r["test"][metric], color=color, linestyle=style, label=r["run"])
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("LoRA rank r")
-    ax.set_ylabel(f"test {metric}")
-    ax.set_title(f"MiniLM LoRA: test {metric} vs rank")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, "LoRA rank r", f"test {metric}", f"MiniLM LoRA: test {metric} vs rank")
 
 
 def plot_metric_vs_params(records: list[dict], path: str, metric: str = "pearson") -> None:
@@ -58,14 +62,8 @@ def plot_metric_vs_params(records: list[dict], path: str, metric: str = "pearson
         ax.plot([r["trainable_params"]], [r["test"][metric]], "*", color=color, markersize=12,
                 label=r["run"])
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(f"test {metric}")
-    ax.set_title(f"MiniLM: test {metric} vs trainable parameters")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, "trainable parameters", f"test {metric}",
+            f"MiniLM: test {metric} vs trainable parameters")
 
 
 def _smooth(values: list[float], window: int = 10) -> list[float]:

@@ -109,8 +109,9 @@ def _load_task(args):
     return dataset, splits, train.SentimentRegressor(model.config), params, task
 
 
-def _plan(args, model, params, task) -> list[tuple[str, int | None, str | None]]:
-    """Every run of the grid, each validated (abstractly) before any training starts."""
+def _plan(args, model, params, task) -> tuple[list[tuple[str, int | None, str | None]], dict]:
+    """Every run of the grid, each validated (abstractly) before any training starts, and the
+    full ``{"bert": ..., "head": ...}`` params the runs start from."""
     import jax
 
     import lorax

@@ -67,7 +67,7 @@ def unmerge(merged: Any, tree: Any) -> Any:
         True
     """
     flat_tree, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
-    flat_merged, merged_def = jax.tree_util.tree_flatten_with_path(merged)
+    flat_merged = jax.tree_util.tree_flatten_with_path(merged)[0]
     if len(flat_tree) != len(flat_merged):
         raise ValueError(
             f"expected `merged` to have the structure of `tree` ({len(flat_tree)} leaves), got "
@@ -96,7 +96,6 @@ def unmerge(merged: Any, tree: Any) -> Any:
             out.append(FullyTrained(value))
         else:
             out.append(value)
-    del merged_def
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
