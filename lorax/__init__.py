@@ -17,6 +17,7 @@ True
 from lorax import adapters, analysis, dora, peft, pissa
 from lorax.adapters import add_adapter, combine_adapters, drop_adapter, get_adapter, select
 from lorax.checkpoint import CheckpointManager, CheckpointMismatchError, restore, save
+from lorax.infer import infer_axes
 from lorax.interpreter import lora
 from lorax.merge import merge, unmerge
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_lora
@@ -48,6 +49,7 @@ __all__ = [
     "drop_adapter",
     "factor_specs",
     "get_adapter",
+    "infer_axes",
     "is_lora",
     "lora",
     "merge",

@@ -53,7 +53,7 @@ def _multi(node: Any) -> MultiLoRA | None:
         return MultiLoRA(w=node.w, adapters={DEFAULT: Factors(node.a, node.b, node.scale,
                                                               node.rank)},
                          active=((DEFAULT, 1.0),), n_stack=node.n_stack, n_in=node.n_in,
-                         path=node.path, dropout=node.dropout)
+                         path=node.path, dropout=node.dropout, layout=node.layout)
     return None
 
 
@@ -112,12 +112,13 @@ def put_adapter(tree: Any, name: str, lora_tree: Any, *, activate: bool = False)
         multi = _multi(leaf)
         if multi is None:
             multi = MultiLoRA(w=leaf, adapters={}, active=(), n_stack=new.n_stack,
-                              n_in=new.n_in, path=new.path, dropout=new.dropout)
-        if (multi.n_stack, multi.n_in, multi.shape) != (new.n_stack, new.n_in, new.shape):
+                              n_in=new.n_in, path=new.path, dropout=new.dropout,
+                              layout=new.layout)
+        if (multi.roles, multi.shape) != (new.roles, new.shape):
             raise ValueError(
-                f"adapter {name!r} at {new.path!r} has axes (stack {new.n_stack}, in "
-                f"{new.n_in}) of shape {list(new.shape)}, the node has (stack {multi.n_stack}, "
-                f"in {multi.n_in}) of shape {list(multi.shape)}"
+                f"adapter {name!r} at {new.path!r} has layout {new.roles!r} of shape "
+                f"{list(new.shape)}, the node has layout {multi.roles!r} of shape "
+                f"{list(multi.shape)}"
             )
         active = tuple((n, w) for n, w in multi.active if n != name)
         if activate or not multi.adapters:
@@ -191,7 +192,7 @@ def get_adapter(tree: Any, name: str) -> Any:
             return multi.w
         return LoRA(w=multi.w, a=factors.a, b=factors.b, scale=factors.scale, rank=factors.rank,
                     n_stack=multi.n_stack, n_in=multi.n_in, path=multi.path,
-                    dropout=multi.dropout)
+                    dropout=multi.dropout, layout=multi.layout)
 
     return _map(one, tree)
 
@@ -326,9 +327,7 @@ def combine_adapters(tree: Any, weights: Mapping[str, float], method: str = "cat
 
 
 def _svd(multi: MultiLoRA, parts, rank: int):
-    stack = multi.shape[: multi.n_stack]
-    ins = multi.shape[multi.n_stack : multi.n_stack + multi.n_in]
-    outs = multi.shape[multi.n_stack + multi.n_in :]
+    stack, ins, outs = multi.stack_shape, multi.in_shape, multi.out_shape
     i, o = math.prod(ins), math.prod(outs)
     if rank > min(i, o):
         raise ValueError(f"expected `rank` <= min(in, out) = {min(i, o)}, got {rank} at "

@@ -59,12 +59,16 @@ def describe(tree: Any) -> dict[str, Any]:
                 kernels[path]["magnitude"] = _spec(leaf.magnitude)
             if leaf.residual:  # PiSSA: the factors belong to the residual base, not W
                 kernels[path]["residual"] = True
+            if not leaf.is_canonical:  # axes in another order than (*stack, *in, *out)
+                kernels[path]["layout"] = leaf.roles
             base[path] = _spec(leaf.w)
         elif isinstance(leaf, MultiLoRA):  # named adapters: one entry per name
             for name, f in sorted(leaf.adapters.items()):
                 kernels[f"{path}[{name}]"] = {
                     "rank": f.rank, "scale": f.scale, "n_stack": leaf.n_stack, "n_in": leaf.n_in,
                     "dropout": leaf.dropout, "a": _spec(f.a), "b": _spec(f.b)}
+                if not leaf.is_canonical:
+                    kernels[f"{path}[{name}]"]["layout"] = leaf.roles
             base[path] = _spec(leaf.w)
         elif isinstance(leaf, FullyTrained):
             trained[path] = _spec(leaf.value)

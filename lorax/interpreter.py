@@ -17,14 +17,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import DropVar, Literal
 from jax.extend.core import primitives as prims
 
-from lorax import routing
-from lorax.node import LoRA, MultiLoRA, is_array_like, is_lora, is_node, unbox
+from lorax import infer, routing
+from lorax.node import LoRA, MultiLoRA, canonical_layout, is_lora, is_node, unbox
 from lorax.quantize import is_quantized
-from lorax.rules import NAMED_RULES, RULES, LoRAValue
+from lorax.rules import NAMED_RULES, RULES, LayoutError, LoRAValue, without_stack_axes
 
 
 def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,8 +49,10 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
         ``adapter_ids``.
 
     Raises:
-        ValueError: when a kernel is contracted along a different input/output split than its
-            factors were built for (the message names the ``in_axes`` to pass).
+        ValueError: when a kernel is used along other axes than its factors were built for
+            (a ``scan`` over a kernel wrapped without its stack axis, a matmul contracting
+            other axes than its inputs): the message names the ``axes=`` (or ``stacked=``)
+            spec that fits every kernel's use, inferred from ``fn`` itself.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorax
@@ -79,23 +82,11 @@ def _proxy(x: Any) -> Any:
 
 
 def _call(fn, args, kwargs, lora_key, adapter_ids=None):
-    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_unit)
+    closed, out_shape, leaves, dynamic = infer.trace(fn, args, kwargs, _is_unit, _proxy)
     names = ids = None
     if adapter_ids is not None:
         names = routing.adapter_names(leaves)
         ids = routing.check_ids(adapter_ids, names)
-    dynamic = [i for i, x in enumerate(leaves) if _is_unit(x) or is_array_like(x)]
-
-    def flat_fn(*values):
-        full = list(leaves)
-        for i, value in zip(dynamic, values, strict=True):
-            full[i] = value
-        call_args, call_kwargs = jax.tree.unflatten(treedef, full)
-        return fn(*call_args, **call_kwargs)
-
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
-        *[_proxy(leaves[i]) for i in dynamic]
-    )
     invals = []
     for position, i in enumerate(dynamic):
         x = leaves[i]
@@ -111,9 +102,51 @@ def _call(fn, args, kwargs, lora_key, adapter_ids=None):
             invals.append(lax.stop_gradient(x.dequantize()))
         else:
             invals.append(unbox(x))
-    outs = eval_jaxpr(closed.jaxpr, closed.consts, invals)
+    try:
+        outs = eval_jaxpr(closed.jaxpr, closed.consts, invals)
+    except LayoutError as err:
+        raise _layout_mismatch(err, closed.jaxpr, invals) from None
     outs = _concrete(outs, "the function's output")
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+
+def _layout_mismatch(err: LayoutError, jaxpr, invals) -> ValueError:
+    """The error for a kernel used along other axes than its factors: with the spec that fits
+    every LoRA kernel's use in the whole function, inferred from its jaxpr."""
+    nodes = {pos: v.node for pos, v in enumerate(invals) if isinstance(v, LoRAValue)}
+    found = infer.layouts_from_jaxpr(jaxpr, {pos: (n.path, n.shape) for pos, n in nodes.items()})
+    node = err.node
+    message = (f"the LoRA kernel at {node.path!r} (shape {list(node.shape)}, layout "
+               f"{node.roles!r}) does not fit its use: {err.detail}.")
+    fixes = {infer.path_pattern(nodes[pos].path): layout for pos, (layout, _) in found.items()
+             if layout and layout != nodes[pos].roles}
+    mine = fixes.get(infer.path_pattern(node.path))
+    if mine is None:
+        why = next((w for pos, (lay, w) in found.items() if nodes[pos].path == node.path), "")
+        return ValueError(f"{message} No layout fits every use of it ({why or 'unknown'}); "
+                          "wrap it with `exclude=` or merge it into a frozen kernel")
+    message += f" The function uses it as layout {mine!r} (s stack, i input, o output): "
+    message += f"pass axes={fixes!r} to lorax.wrap"
+    old = _old_form(fixes)
+    if old:
+        message += f" (equivalently {old})"
+    return ValueError(message + ", or axes=lorax.infer_axes(fn, params, *args).")
+
+
+def _old_form(fixes: dict[str, str]) -> str:
+    """The ``stacked=``/``in_axes=`` arguments that say the same as ``fixes``, when they can."""
+    stacked, in_axes = {}, {}
+    for key, layout in fixes.items():
+        s = layout.count("s")
+        n_in = layout.count("i")
+        if layout != canonical_layout(len(layout), s, n_in):
+            return ""
+        if s:
+            stacked[key] = s
+        if n_in != len(layout) - s - 1:  # not the default: all axes but the last
+            in_axes[key] = n_in
+    return ", ".join(f"{name}={value!r}" for name, value in
+                     (("stacked", stacked), ("in_axes", in_axes)) if value)
 
 
 def _enter(node: LoRA, lora_key, position: int, routed: bool = False) -> LoRAValue:
@@ -123,7 +156,9 @@ def _enter(node: LoRA, lora_key, position: int, routed: bool = False) -> LoRAVal
     # A quantized w is dequantized here, inside the traced computation (QLoRA's on-the-fly
     # dequantization): the stored tree keeps only codes and scales.
     frozen = dataclasses.replace(node, w=lax.stop_gradient(node.float_w()))
-    return LoRAValue(frozen, key, tuple(range(len(node.shape))), routed)
+    # The program sees w in its own layout: axis j of w is canonical axis order.index(j).
+    order = node.canonical_order
+    return LoRAValue(frozen, key, tuple(order.index(j) for j in range(len(order))), routed)
 
 
 def _concrete(values: Sequence[Any], where: str) -> list[Any]:
@@ -199,15 +234,17 @@ def _scan(params, invals):
     init = _concrete(invals[n_consts : n_consts + n_carry], "scan carry")
     xs, templates = [], []
     for x in invals[n_consts + n_carry :]:
-        if isinstance(x, LoRAValue) and x.node.n_stack >= 1 and x.perm[0] == 0:
-            keys = None if x.key is None else jax.random.split(x.key, length)
-            # Every data field of the node (w, a, b, a DoRA magnitude) has the stack axis first.
-            xs.append((jax.tree.leaves(x.node), keys))
-            templates.append(x)
-        else:
-            xs.append(x.materialize("scan over a non-stacked axis") if isinstance(x, LoRAValue)
-                      else x)
+        if not isinstance(x, LoRAValue):
+            xs.append(x)
             templates.append(None)
+            continue
+        c = x.perm[0]  # the canonical axis that scan slices: must be a stack axis
+        if c >= x.node.n_stack or x.routed and (c, x.node.canonical_order[0]) != (0, 0):
+            raise LayoutError(x, "scan", "`scan` slices its axis "
+                              f"{x.node.canonical_order[c]}, which is not a stack axis")
+        keys = None if x.key is None else jax.random.split(x.key, length)
+        xs.append((_stack_leading(x.node, c), keys))
+        templates.append(x)
 
     def body(carry, x_slices):
         values = []
@@ -217,9 +254,8 @@ def _scan(params, invals):
                 continue
             fields, key = x
             node = jax.tree.unflatten(jax.tree.structure(template.node), fields)
-            node = dataclasses.replace(node, n_stack=node.n_stack - 1)
-            values.append(LoRAValue(node, key, tuple(p - 1 for p in template.perm[1:]),
-                                    template.routed))
+            v = LoRAValue(template.node, key, template.perm, template.routed)
+            values.append(without_stack_axes(v, [0], node))
         outs = eval_jaxpr(closed.jaxpr, closed.consts, [*consts, *carry, *values])
         outs = _concrete(outs, "scan output")
         return outs[:n_carry], outs[n_carry:]
@@ -227,6 +263,18 @@ def _scan(params, invals):
     carry, ys = lax.scan(body, init, xs, length=length, reverse=params["reverse"],
                          unroll=params["unroll"])
     return [*carry, *ys]
+
+
+def _stack_leading(node: LoRA, c: int) -> list[Any]:
+    """The node's data leaves with canonical stack axis ``c`` moved first, for ``lax.scan``."""
+    j = node.canonical_order[c]
+    if c == 0 and j == 0:  # the common case (nn.scan stacks axis 0): no copies
+        return jax.tree.leaves(node)
+    m = node.magnitude
+    moved = dataclasses.replace(node, w=jnp.moveaxis(node.w, j, 0), a=jnp.moveaxis(node.a, c, 0),
+                                b=jnp.moveaxis(node.b, c, 0),
+                                magnitude=None if m is None else jnp.moveaxis(m, c, 0))
+    return jax.tree.leaves(moved)
 
 
 def _cond(params, invals):

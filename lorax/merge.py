@@ -100,9 +100,9 @@ def unmerge(merged: Any, tree: Any) -> Any:
 
 
 def _column_layout(node: LoRA, f: jax.Array) -> jax.Array:
-    # (*stack, *out) -> (*stack, 1..., *out), broadcastable against the kernel.
-    stack = f.shape[: node.n_stack]
-    return jnp.reshape(f, (*stack, *(1,) * node.n_in, *node.out_shape))
+    # (*stack, *out) -> (*stack, 1..., *out) in w's layout, broadcastable against the kernel.
+    f = jnp.reshape(f, (*node.stack_shape, *(1,) * node.n_in, *node.out_shape))
+    return node.from_canonical(f)
 
 
 def node_shape(node: Any) -> tuple[int, ...]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,115 @@ import numpy as np
 
 from lorax import dora
 
+T = TypeVar("T")
+
+
+LAYOUT_LETTERS = {"s": "stack", "i": "input", "o": "output"}
+
+
+def canonical_layout(ndim: int, n_stack: int, n_in: int) -> str:
+    """The layout string of a kernel whose axes are ``(*stack, *in, *out)`` in that order.
+
+    Example:
+        >>> canonical_layout(3, 1, 1)
+        'sio'
+    """
+    return "s" * n_stack + "i" * n_in + "o" * (ndim - n_stack - n_in)
+
+
+def layout_order(layout: str) -> tuple[int, ...]:
+    """A kernel's axes in canonical ``(*stack, *in, *out)`` order, given its layout string.
+
+    Example:
+        >>> layout_order("oio")  # Gemma's q_einsum (heads, d_model, head_dim)
+        (1, 0, 2)
+    """
+    return tuple(j for letter in "sio" for j, c in enumerate(layout) if c == letter)
+
+
+class KernelAxes:
+    """Which axes of a node's kernel ``w`` are stack, input and output axes.
+
+    A node's ``layout`` holds one letter per axis of ``w``: ``s`` (an axis that indexes a stack
+    of independent kernels: ``nn.scan`` layers, Gemma's k/v selector), ``i`` (contracted with the
+    activation) or ``o`` (an output axis). ``w`` keeps its own axis order; the factors are
+    canonical, each group in ``w``'s order::
+
+        a: (*stack, *in, rank)        b: (*stack, rank, *out)
+
+    ``layout=None`` means the canonical order ``(*stack, *in, *out)`` itself.
+    """
+
+    w: Any
+    n_stack: int
+    n_in: int
+    layout: str | None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the adapted kernel (that of ``w``)."""
+        return tuple(self.w.shape)
+
+    @property
+    def dtype(self) -> Any:
+        """The dtype of the adapted kernel (that of ``w``, or of a quantized ``w``'s original)."""
+        return jnp.dtype(self.w.dtype)
+
+    @property
+    def roles(self) -> str:
+        """The full layout string, one of ``s``/``i``/``o`` per axis of ``w``."""
+        if self.layout is not None:
+            return self.layout
+        return canonical_layout(len(self.shape), self.n_stack, self.n_in)
+
+    @property
+    def canonical_order(self) -> tuple[int, ...]:
+        """``w``'s axes in canonical ``(*stack, *in, *out)`` order."""
+        return layout_order(self.roles)
+
+    @property
+    def is_canonical(self) -> bool:
+        """Whether ``w`` is already laid out as ``(*stack, *in, *out)``."""
+        return self.canonical_order == tuple(range(len(self.shape)))
+
+    def canonical(self, per_axis: Sequence[T]) -> tuple[T, ...]:
+        """Reorders one entry per axis of ``w`` (a shape, a sharding spec) canonically."""
+        return tuple(per_axis[j] for j in self.canonical_order)
+
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        """The kernel's shape in ``(*stack, *in, *out)`` order."""
+        return self.canonical(self.shape)
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """The stack axes (each indexes an independent kernel with its own factors)."""
+        return self.canonical_shape[: self.n_stack]
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """The input axes of one (unstacked) kernel."""
+        return self.canonical_shape[self.n_stack : self.n_stack + self.n_in]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The output axes of one (unstacked) kernel."""
+        return self.canonical_shape[self.n_stack + self.n_in :]
+
+    def to_canonical(self, x: Any) -> Any:
+        """An array in ``w``'s layout transposed to ``(*stack, *in, *out)`` (no-op if it is)."""
+        return x if self.is_canonical else jnp.transpose(x, self.canonical_order)
+
+    def from_canonical(self, x: Any) -> Any:
+        """The inverse of :meth:`to_canonical`."""
+        if self.is_canonical:
+            return x
+        return jnp.transpose(x, tuple(np.argsort(self.canonical_order)))
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoRA:
+class LoRA(KernelAxes):
     """A frozen kernel ``w`` plus trainable factors ``a`` and ``b``.
 
     The adapted kernel is ``w + scale * a @ b`` where the product contracts the rank axis and
@@ -42,14 +148,17 @@ class LoRA:
             :mod:`lorax.dora`).
         scale: ``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA); static.
         rank: the rank ``r``; static.
-        n_stack: number of leading axes of ``w`` that index a stack of layers; static.
-        n_in: number of axes of ``w`` (after the stack axes) that are inputs; static.
+        n_stack: number of axes of ``w`` that index a stack of kernels; static.
+        n_in: number of axes of ``w`` that are inputs; static.
         path: the '/'-joined path of ``w`` in the tree it was wrapped in; static, for messages.
         dropout: LoRA dropout rate on the adapter branch's input; static.
         residual: whether ``w`` is not the original kernel but the residual left after
             PiSSA moved its top singular directions into ``a``/``b`` (``init="pissa"``);
             static. Such factors only make sense on this residual base, see
             :func:`lorax.pissa.to_lora`.
+        layout: one letter per axis of ``w`` (``s`` stack, ``i`` input, ``o`` output), or
+            ``None`` for ``(*stack, *in, *out)`` in that order (keyword-only; static). See
+            :class:`KernelAxes`.
 
     Example:
         >>> import jax.numpy as jnp, lorax
@@ -72,39 +181,22 @@ class LoRA:
     path: str = dataclasses.field(default="", metadata={"static": True})
     dropout: float = dataclasses.field(default=0.0, metadata={"static": True})
     residual: bool = dataclasses.field(default=False, metadata={"static": True})
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The shape of the adapted kernel (that of ``w``)."""
-        return tuple(self.w.shape)
-
-    @property
-    def dtype(self) -> Any:
-        """The dtype of the adapted kernel (that of ``w``, or of a quantized ``w``'s original)."""
-        return jnp.dtype(self.w.dtype)
-
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        """The input axes of one (unstacked) kernel."""
-        return self.shape[self.n_stack : self.n_stack + self.n_in]
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        """The output axes of one (unstacked) kernel."""
-        return self.shape[self.n_stack + self.n_in :]
+    layout: str | None = dataclasses.field(default=None, kw_only=True,
+                                           metadata={"static": True})
 
     def delta(self, dtype: Any = jnp.float32) -> jax.Array:
         """Materializes ``scale * a @ b`` with the kernel's shape, computed in ``dtype``.
 
         This costs a full-size array: it is for merging and analysis, never for training.
         """
-        stack = self.shape[: self.n_stack]
+        stack = self.stack_shape
         in_size = math.prod(self.in_shape)
         out_size = math.prod(self.out_shape)
         a = jnp.reshape(self.a, (*stack, in_size, self.rank)).astype(dtype)
         b = jnp.reshape(self.b, (*stack, self.rank, out_size)).astype(dtype)
         delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-        return jnp.reshape(delta * jnp.asarray(self.scale, dtype), self.shape)
+        delta = jnp.reshape(delta * jnp.asarray(self.scale, dtype), self.canonical_shape)
+        return self.from_canonical(delta)
 
     def float_w(self) -> Any:
         """``w`` as an array: dequantized when it is a :class:`lorax.quantize.QuantizedArray`."""
@@ -122,8 +214,8 @@ class LoRA:
         """
         if self.magnitude is None:
             raise ValueError(f"the LoRA node at {self.path!r} has no DoRA magnitude")
-        norm = dora.adapted_norm(self.float_w(), self.a, self.b, self.scale, self.n_stack,
-                                 self.n_in)
+        norm = dora.adapted_norm(self.to_canonical(self.float_w()), self.a, self.b, self.scale,
+                                 self.n_stack, self.n_in)
         return dora.factor(self.magnitude, norm)
 
     def merged(self) -> jax.Array:
@@ -134,11 +226,9 @@ class LoRA:
         w32 = jnp.asarray(self.float_w(), jnp.float32)
         v = w32 + self.delta(jnp.float32)
         if self.magnitude is not None:
-            f = self.dora_factor()
-            n_out = len(self.out_shape)
-            f = jnp.reshape(f, (*f.shape[: self.n_stack], *(1,) * self.n_in,
-                                *f.shape[len(f.shape) - n_out :]))
-            v = v * f
+            f = jnp.reshape(self.dora_factor(),
+                            (*self.stack_shape, *(1,) * self.n_in, *self.out_shape))
+            v = v * self.from_canonical(f)
         return v.astype(self.dtype)
 
 
@@ -162,7 +252,7 @@ class Factors:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class MultiLoRA:
+class MultiLoRA(KernelAxes):
     """A frozen kernel with several named adapters, of which a weighted selection is active.
 
     The adapted kernel is ``w + sum(weight_k * scale_k * a_k @ b_k)`` over the ``active``
@@ -174,10 +264,11 @@ class MultiLoRA:
         w: the frozen base kernel.
         adapters: ``{name: Factors}``.
         active: ``((name, weight), ...)``, the adapters the kernel computes; static.
-        n_stack: leading stack axes; static.
-        n_in: input axes after the stack axes; static.
+        n_stack: stack axes; static.
+        n_in: input axes; static.
         path: the kernel's '/'-joined path; static.
         dropout: LoRA dropout rate on the adapter input; static.
+        layout: as :class:`LoRA`'s (keyword-only; static).
 
     Example:
         >>> import jax.numpy as jnp, lorax
@@ -194,14 +285,8 @@ class MultiLoRA:
     n_in: int = dataclasses.field(metadata={"static": True})
     path: str = dataclasses.field(default="", metadata={"static": True})
     dropout: float = dataclasses.field(default=0.0, metadata={"static": True})
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.w.shape)
-
-    @property
-    def dtype(self) -> Any:
-        return jnp.dtype(self.w.dtype)
+    layout: str | None = dataclasses.field(default=None, kw_only=True,
+                                           metadata={"static": True})
 
     def as_lora(self) -> LoRA | None:
         """The active adapters as one :class:`LoRA` node of rank ``sum(rank_k)`` and scale 1
@@ -213,7 +298,8 @@ class MultiLoRA:
         b = jnp.concatenate([f.b * jnp.asarray(wt * f.scale, f.b.dtype) for f, wt in chosen],
                             axis=self.n_stack)
         return LoRA(w=self.w, a=a, b=b, scale=1.0, rank=sum(f.rank for f, _ in chosen),
-                    n_stack=self.n_stack, n_in=self.n_in, path=self.path, dropout=self.dropout)
+                    n_stack=self.n_stack, n_in=self.n_in, path=self.path, dropout=self.dropout,
+                    layout=self.layout)
 
     def merged(self) -> jax.Array:
         """``w`` plus the active adapters, in float32, cast to ``w``'s dtype."""

@@ -79,7 +79,7 @@ import safetensors.numpy
 
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node
 from lorax.paths import path_str
-from lorax.wrap import default_in_axes
+from lorax.wrap import default_in_axes, default_layout
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 """The tensor file PEFT reads and writes (``safe_serialization=True``, its default)."""
@@ -323,20 +323,23 @@ def _adapters_of(path: str, node: LoRA, target: TorchParam | None, use_rslora: b
             f"expected `name_map` to map the LoRA kernel {path!r} to a module's 'weight', got "
             f"param {target.param!r}"
         )
-    kernel_ndim = len(node.shape) - node.n_stack
-    expected_n_in = _kernel_n_in(target, path, kernel_ndim)
+    # The factors are canonical: PEFT's in/out features are the input/output axes flattened in
+    # the kernel's own order, whatever the layout (Gemma's q_einsum (N, D, H) gives q_proj's
+    # (N*H, D) weight).
+    expected_n_in = (default_layout(path, node.shape).count("i") if target.n_in is None
+                     else int(target.n_in))
     if node.n_in != expected_n_in:
         raise ValueError(
             f"the LoRA kernel {path!r} has n_in={node.n_in} input axes but `name_map` "
             f"implies {expected_n_in}; set TorchParam(n_in=...) to match the PyTorch module"
         )
-    stack = node.shape[: node.n_stack]
+    stack = node.stack_shape
     layers = math.prod(stack)
-    if node.n_stack > 1 or (node.n_stack == 1 and len(target.modules) != layers):
+    if node.n_stack and len(target.modules) != layers:
         raise NotImplementedError(
             f"the LoRA kernel {path!r} is stacked over axes {list(stack)}; PEFT has one module "
-            "per layer, so map it to a tuple of module paths, one per layer (only one stack axis "
-            "is supported)"
+            f"per kernel, so map it to a tuple of {layers} module paths, one per stacked kernel "
+            "(row-major over the stack axes)"
         )
     if node.n_stack == 0 and isinstance(target.module, tuple):
         raise ValueError(

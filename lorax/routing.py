@@ -60,9 +60,9 @@ def route(node: MultiLoRA, names: list[str], ids: jax.Array) -> LoRA:
     """A LoRA node whose factors carry a per-example axis after the stack axes."""
     s = node.n_stack
     rank = max(f.rank for f in node.adapters.values())
-    a_zero = jnp.zeros((*node.shape[: s + node.n_in], rank), next(iter(
+    a_zero = jnp.zeros((*node.stack_shape, *node.in_shape, rank), next(iter(
         node.adapters.values())).a.dtype)
-    b_zero = jnp.zeros((*node.shape[:s], rank, *node.shape[s + node.n_in :]), a_zero.dtype)
+    b_zero = jnp.zeros((*node.stack_shape, rank, *node.out_shape), a_zero.dtype)
     a_all, b_all = [], []
     for name in [*names, None]:  # the last is "no adapter"
         f = node.adapters.get(name) if name is not None else None
@@ -79,7 +79,7 @@ def route(node: MultiLoRA, names: list[str], ids: jax.Array) -> LoRA:
     a = jnp.moveaxis(jnp.stack(a_all)[index], 0, s)
     b = jnp.moveaxis(jnp.stack(b_all)[index], 0, s)
     return LoRA(w=node.w, a=a, b=b, scale=1.0, rank=rank, n_stack=s, n_in=node.n_in,
-                path=node.path, dropout=node.dropout)
+                path=node.path, dropout=node.dropout, layout=node.layout)
 
 
 def routing_error(node: LoRA, what: str) -> ValueError:
@@ -114,7 +114,7 @@ def routed_dot(v: Any, x: jax.Array, xc: list[int], xb: list[int], wc: list[int]
     low = lax.dot_general(t, b, (([t.ndim - 1], [s + 1]), (list(range(nb)), [*bw, s])),
                           precision=precision, preferred_element_type=pref)
     # low: (*batch, B, *x_free_rest, *out canonical); y: (*batch, B, *x_free_rest, *w_free).
-    outs = list(range(s + n_in, len(node.shape)))
+    outs = list(range(s + n_in, len(node.shape)))  # canonical output axes
     wanted = [v.perm[d] for d in range(v.ndim) if d not in wc and d not in wb]
     order = [outs.index(c) for c in wanted]
     if order != sorted(order):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
 from typing import Any
 
@@ -35,7 +34,9 @@ class LoRAFallbackWarning(UserWarning):
 class LoRAValue:
     """A LoRA kernel as it flows through the interpreter (internal).
 
-    The program sees ``transpose(node.w + s * a @ b, perm)``. ``key`` is the dropout key of this
+    ``perm[d]`` is the canonical axis (of ``(*stack, *in, *out)``, see
+    :class:`lorax.node.KernelAxes`) that the program's axis ``d`` holds: the program sees
+    ``transpose(canonical(node.w + s * a @ b), perm)``. ``key`` is the dropout key of this
     kernel (``None`` when dropout is off).
     """
 
@@ -47,7 +48,13 @@ class LoRAValue:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.node.shape[p] for p in self.perm)
+        return tuple(self.node.canonical_shape[p] for p in self.perm)
+
+    @property
+    def w_perm(self) -> tuple[int, ...]:
+        """The axes of ``node.w`` (in its own layout) that the program's axes hold."""
+        order = self.node.canonical_order
+        return tuple(order[p] for p in self.perm)
 
     @property
     def ndim(self) -> int:
@@ -58,7 +65,7 @@ class LoRAValue:
 
     def base(self) -> jax.Array:
         """The frozen kernel in the program's layout."""
-        return _transpose(self.node.w, self.perm)
+        return _transpose(self.node.w, self.w_perm)
 
     def materialize(self, primitive: str) -> jax.Array:
         """``w + s * a @ b`` in the program's layout, with a warning: full-size cost."""
@@ -70,7 +77,7 @@ class LoRAValue:
             LoRAFallbackWarning,
             stacklevel=2,
         )
-        return _transpose(self.node.merged(), self.perm)
+        return _transpose(self.node.merged(), self.w_perm)
 
 
 def _transpose(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
@@ -89,22 +96,24 @@ def _axis_groups(node: LoRA) -> tuple[range, range, range]:
     return range(0, s), range(s, s + i), range(s + i, len(node.shape))
 
 
-def _split_error(v: LoRAValue, primitive: str, contracted: list[int]) -> ValueError:
-    node = v.node
-    _, ins, _ = _axis_groups(node)
-    width = len(node.shape) - node.n_stack
-    rel = sorted(c - node.n_stack for c in contracted)
-    suggestion, key = "", "^" + re.escape(node.path) + "$"
-    if rel == list(range(len(rel))):
-        suggestion = f" pass in_axes={{{key!r}: {len(rel)}}} to lorax.wrap"
-    elif rel == list(range(width - len(rel), width)):
-        suggestion = f" pass in_axes={{{key!r}: {width - len(rel)}}} to lorax.wrap"
-    return ValueError(
-        f"the LoRA kernel at {node.path!r} (shape {list(node.shape)}) is contracted by "
-        f"`{primitive}` over its axes {sorted(contracted)}, but its factors were built with "
-        f"in_axes={node.n_in} (input axes {list(ins)});"
-        + (suggestion or " its factors cannot express this use; choose `in_axes` to match")
-    )
+class LayoutError(Exception):
+    """A kernel is used along other axes than its factors were built for (internal).
+
+    :func:`lorax.lora` catches it and re-raises a ``ValueError`` that names the ``axes=`` spec
+    inferred from the whole function (:mod:`lorax.infer`).
+    """
+
+    def __init__(self, v: LoRAValue, primitive: str, detail: str):
+        super().__init__(detail)
+        self.node, self.primitive, self.detail = v.node, primitive, detail
+
+
+def _layout_error(v: LoRAValue, primitive: str, contracted=(), batch=()) -> LayoutError:
+    order = v.node.canonical_order
+    what = f"contracts its axes {sorted(order[c] for c in contracted)}"
+    if batch:
+        what += f" and batches over its axes {sorted(order[c] for c in batch)}"
+    return LayoutError(v, primitive, f"`{primitive}` {what}")
 
 
 def _dora_scale(node: LoRA, ndim: int, positions: dict[int, int], dtype: Any) -> jax.Array:
@@ -113,7 +122,8 @@ def _dora_scale(node: LoRA, ndim: int, positions: dict[int, int], dtype: Any) ->
     ``positions`` maps each canonical stack/output axis of the node to an axis of the target.
     The norm is gradient-stopped (the paper's section 4.3); ``m`` gets its gradient here.
     """
-    norm = dora.adapted_norm(node.w, node.a, node.b, node.scale, node.n_stack, node.n_in)
+    norm = dora.adapted_norm(node.to_canonical(node.w), node.a, node.b, node.scale, node.n_stack,
+                             node.n_in)
     f = dora.factor(node.magnitude, lax.stop_gradient(norm))
     stack, _, outs = _axis_groups(node)
     canonical = [*stack, *outs]  # f's axes
@@ -121,14 +131,15 @@ def _dora_scale(node: LoRA, ndim: int, positions: dict[int, int], dtype: Any) ->
     f = _transpose(f, tuple(order))
     shape = [1] * ndim
     for k in order:
-        shape[positions[canonical[k]]] = node.shape[canonical[k]]
+        shape[positions[canonical[k]]] = node.canonical_shape[canonical[k]]
     return jnp.reshape(f, shape).astype(dtype)
 
 
-def _rank_sharding(x: jax.Array, x_contract, x_batch, side: int) -> Any:
+def _rank_sharding(x: jax.Array, x_contract, x_batch, n_extra: int) -> Any:
     """On meshes with Explicit axes, the sharding of ``x·a`` (``None`` elsewhere): x's batch
-    and free axes keep their mesh axes, the rank axis is unsharded. JAX needs it spelled out
-    when a contracted axis is sharded (row-parallel W, whose ``a`` is sharded the same way)."""
+    and free axes keep their mesh axes; the ``n_extra`` free stack axes and the rank axis are
+    unsharded. JAX needs it spelled out when a contracted axis is sharded (row-parallel W, whose
+    ``a`` is sharded the same way)."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types or ()):
@@ -136,61 +147,61 @@ def _rank_sharding(x: jax.Array, x_contract, x_batch, side: int) -> Any:
     spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
     batch = [spec[d] for d in x_batch]
     free = [spec[d] for d in range(x.ndim) if d not in x_contract and d not in x_batch]
-    rank_spec = (*batch, *free, None) if side == 1 else (*batch, None, *free)
+    rank_spec = (*batch, *free, *(None,) * n_extra, None)
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*rank_spec))
 
 
 def _lowrank_dot(v: LoRAValue, x: jax.Array, x_contract, x_batch, w_contract, w_batch, side,
-                 params) -> jax.Array | None:
-    """The low-rank term of ``dot_general`` with ``v`` on ``side`` (0 = lhs, 1 = rhs)."""
+                 params) -> jax.Array:
+    """The low-rank term of ``dot_general`` with ``v`` on ``side`` (0 = lhs, 1 = rhs).
+
+    ``t = x·first`` contracts the kernel's used axes with one factor (``a`` when the input axes
+    are contracted, ``b`` for ``x @ W.T``), then ``t·second`` contracts the rank; stack axes the
+    program batches over are batch axes of both products, the other ("free") stack axes become
+    batch axes of the second one (e.g. Gemma's k/v selector axis). The result is transposed to
+    the program's output order.
+    """
     node = v.node
     stack, ins, outs = _axis_groups(node)
     cw = [v.perm[d] for d in w_contract]
     bw = [v.perm[d] for d in w_batch]
-    if sorted(bw) != list(stack):
-        return None
+    if not set(bw) <= set(stack):
+        raise _layout_error(v, "dot_general", cw, bw)
     if sorted(cw) == list(ins):
         first, second = node.a, node.b
-        first_axes, second_r_axis = cw, node.n_stack  # a keeps canonical stack/in positions
-        free_canonical = list(outs)
+        first_axes = cw  # a: (*stack, *in, r) keeps canonical stack/in positions
+        second_r_axis = node.n_stack
+        second_free = list(outs)
     elif sorted(cw) == list(outs):
         first, second = node.b, node.a
         first_axes = [c - node.n_in + 1 for c in cw]  # b: (*stack, r, *out)
         second_r_axis = node.n_stack + node.n_in  # a: (*stack, *in, r)
-        free_canonical = list(ins)
+        second_free = list(ins)
     else:
-        raise _split_error(v, "dot_general", cw)
+        raise _layout_error(v, "dot_general", cw, bw)
+    free_stack = [c for c in stack if c not in bw]
     dtype = x.dtype
     x = _dropout(x, v.key, node.dropout)
     first, second = first.astype(dtype), second.astype(dtype)
-    nb = len(w_batch)
     precision, pref = params.get("precision"), params.get("preferred_element_type")
-    if side == 1:
-        t = lax.dot_general(x, first, ((x_contract, first_axes), (x_batch, bw)),
-                            precision=precision,
-                            out_sharding=_rank_sharding(x, x_contract, x_batch, side))
-        t = t * jnp.asarray(node.scale, t.dtype)
-        y = lax.dot_general(t, second, (([t.ndim - 1], [second_r_axis]), (range(nb), bw)),
-                            precision=precision, preferred_element_type=pref)
-        n_lead = y.ndim - len(free_canonical)  # batch + x-free axes come first
-    else:
-        t = lax.dot_general(first, x, ((first_axes, x_contract), (bw, x_batch)),
-                            precision=precision,
-                            out_sharding=_rank_sharding(x, x_contract, x_batch, side))
-        t = t * jnp.asarray(node.scale, t.dtype)
-        # t: (*batch, r, *x_free); contract r with the second factor's rank axis.
-        y = lax.dot_general(second, t, (([second_r_axis], [nb]), (bw, range(nb))),
-                            precision=precision, preferred_element_type=pref)
-        n_lead = nb
-    # The program wants w's free axes in its own order, not canonical order.
-    wanted = [v.perm[d] for d in range(v.ndim) if d not in w_contract and d not in w_batch]
-    order = [free_canonical.index(c) for c in wanted]
-    if order != sorted(order):
-        lead = list(range(n_lead))
-        free = [n_lead + o for o in order]
-        rest = list(range(n_lead + len(order), y.ndim))
-        y = lax.transpose(y, (*lead, *free, *rest))
-    return y
+    # t: (*batch, *x_free, *free_stack, r)
+    t = lax.dot_general(x, first, ((x_contract, first_axes), (x_batch, bw)), precision=precision,
+                        out_sharding=_rank_sharding(x, x_contract, x_batch, len(free_stack)))
+    t = t * jnp.asarray(node.scale, t.dtype)
+    nb, n_xfree = len(bw), t.ndim - len(bw) - len(free_stack) - 1
+    t_stack = [nb + n_xfree + k for k in range(len(free_stack))]
+    # low: (*batch, *free_stack, *x_free, *second_free)
+    low = lax.dot_general(t, second, (([t.ndim - 1], [second_r_axis]),
+                                      ([*range(nb), *t_stack], [*bw, *free_stack])),
+                          precision=precision, preferred_element_type=pref)
+    # Label low's axes, then order them as the program's dot_general output.
+    labels = ([("b", k) for k in range(nb)] + [("w", c) for c in free_stack]
+              + [("x", k) for k in range(n_xfree)] + [("w", c) for c in second_free])
+    w_free = [("w", v.perm[d]) for d in range(v.ndim) if d not in w_contract and d not in w_batch]
+    x_free = [("x", k) for k in range(n_xfree)]
+    batch = [("b", k) for k in range(nb)]
+    wanted = [*batch, *x_free, *w_free] if side == 1 else [*batch, *w_free, *x_free]
+    return _transpose(low, tuple(labels.index(label) for label in wanted))
 
 
 def dot_general_rule(invals, params):
@@ -208,13 +219,13 @@ def dot_general_rule(invals, params):
     stack, _, outs = _axis_groups(node)
     cw, bw = [v.perm[d] for d in wc], [v.perm[d] for d in wb]
     dora_out = node.magnitude is not None and sorted(cw) != list(outs)
-    if node.magnitude is not None and not dora_out and sorted(bw) == list(stack):
+    if node.magnitude is not None and not dora_out:
+        if sorted(bw) != list(stack):
+            return None  # DoRA with x @ W.T over free stack axes: materialize
         # W's output axes are contracted (``x @ W.T``, e.g. Embed.attend): scale x instead.
         positions = {**dict(zip(cw, xc, strict=True)), **dict(zip(bw, xb, strict=True))}
         x = x * _dora_scale(node, x.ndim, positions, x.dtype)
     low = _lowrank_dot(v, x, list(xc), list(xb), list(wc), list(wb), side, params)
-    if low is None:
-        return None
     operands = (x, v.base()) if side == 1 else (v.base(), x)
     y = prims.dot_general_p.bind(*operands, **params)
     y = y + low.astype(y.dtype)
@@ -242,13 +253,11 @@ def conv_rule(invals, params):
     dn = params["dimension_numbers"]
     out_feature = dn.rhs_spec[0]
     if node.n_stack or len(outs) != 1 or v.perm[out_feature] != outs[0]:
-        if node.n_stack == 0 and len(outs) == 1:
-            contracted = [v.perm[d] for d in range(v.ndim) if d != out_feature]
-            raise _split_error(v, "conv_general_dilated", contracted)
-        return None
+        contracted = [v.perm[d] for d in range(v.ndim) if d != out_feature]
+        raise _layout_error(v, "conv_general_dilated", contracted)
     y = prims.conv_general_dilated_p.bind(lhs, v.base(), **params)
     x = _dropout(lhs, v.key, node.dropout)
-    a_kernel = _transpose(node.a.astype(x.dtype), v.perm)  # same layout, out features -> r
+    a_kernel = _transpose(node.a.astype(x.dtype), v.perm)  # program layout, out features -> r
     t = prims.conv_general_dilated_p.bind(x, a_kernel, **{**params, "preferred_element_type": None})
     t = t * jnp.asarray(node.scale, t.dtype)
     feature = dn.out_spec[1]
@@ -312,7 +321,8 @@ def reshape_rule(invals, params):
         return None  # materialize() names the kernel
     new = tuple(params["new_sizes"])
     s = node.n_stack
-    if params.get("dimensions") is not None or v.perm != tuple(range(v.ndim)):
+    if (params.get("dimensions") is not None or v.perm != tuple(range(v.ndim))
+            or not node.is_canonical):
         return None
     if new[:s] != node.shape[:s]:
         return None
@@ -331,6 +341,80 @@ def reshape_rule(invals, params):
             )
             return LoRAValue(node, v.key, tuple(range(len(new))))
     return None
+
+
+def _map_stack_axis(node: LoRA, c: int, fn) -> LoRA:
+    """Applies ``fn(array, axis)`` along canonical stack axis ``c`` of every data field: axis
+    ``canonical_order[c]`` of ``w``, axis ``c`` of ``a``, ``b`` and a DoRA magnitude."""
+    w_axis = node.canonical_order[c]
+    m = node.magnitude
+    return dataclasses.replace(node, w=fn(node.w, w_axis), a=fn(node.a, c), b=fn(node.b, c),
+                               magnitude=None if m is None else fn(m, c))
+
+
+def without_stack_axes(v: LoRAValue, dropped: list[int], node: LoRA) -> LoRAValue:
+    """``v`` after the program axes ``dropped`` (size-1 or sliced-away stack axes) are gone.
+
+    ``node`` already has those axes removed from its fields; this fixes its static layout and
+    the view's permutation.
+    """
+    canon = sorted(v.perm[d] for d in dropped)
+    w_axes = {v.node.canonical_order[c] for c in canon}
+    roles = "".join(r for j, r in enumerate(v.node.roles) if j not in w_axes)
+    node = dataclasses.replace(node, n_stack=node.n_stack - len(canon), layout=roles)
+    perm = tuple(p - sum(c < p for c in canon) for d, p in enumerate(v.perm) if d not in dropped)
+    return LoRAValue(node, v.key, perm, v.routed)
+
+
+def _sliced_stack_axes(v: LoRAValue, sizes) -> list[int] | None:
+    """The program axes a slice narrows, when all of them are stack axes (else ``None``)."""
+    narrowed = [d for d, n in enumerate(sizes) if n != v.shape[d]]
+    if v.routed or any(v.perm[d] >= v.node.n_stack for d in narrowed):
+        return None
+    return narrowed
+
+
+def slice_rule(invals, params):
+    """``w[i:j]`` along stack axes (e.g. ``w[0]`` of Gemma's gating kernel) slices every field."""
+    (v,) = invals
+    start, limit, strides = params["start_indices"], params["limit_indices"], params["strides"]
+    narrowed = _sliced_stack_axes(v, [hi - lo for lo, hi in zip(start, limit, strict=True)])
+    if narrowed is None:
+        return None
+    node = v.node
+    for d in narrowed:
+        step = 1 if strides is None else strides[d]
+        node = _map_stack_axis(node, v.perm[d], lambda x, ax, d=d, step=step: lax.slice_in_dim(
+            x, start[d], limit[d], step, ax))
+    return v.with_node(node)
+
+
+def dynamic_slice_rule(invals, params):
+    """``lax.dynamic_slice`` (``w[i]`` with a traced ``i``) along stack axes."""
+    v, *starts = invals
+    if any(isinstance(i, LoRAValue) for i in starts):
+        return None
+    sizes = params["slice_sizes"]
+    narrowed = _sliced_stack_axes(v, sizes)
+    if narrowed is None:
+        return None
+    node = v.node
+    for d in narrowed:
+        node = _map_stack_axis(node, v.perm[d], lambda x, ax, d=d: lax.dynamic_slice_in_dim(
+            x, starts[d], sizes[d], ax))
+    return v.with_node(node)
+
+
+def squeeze_rule(invals, params):
+    """Dropping size-1 stack axes (after ``w[0]``) drops them from every field."""
+    (v,) = invals
+    dims = list(params["dimensions"])
+    if v.routed or any(v.perm[d] >= v.node.n_stack for d in dims):
+        return None
+    node = dataclasses.replace(v.node, layout=v.node.roles)  # fixed while axes are dropped
+    for c in sorted((v.perm[d] for d in dims), reverse=True):  # stack axes keep w's order
+        node = _map_stack_axis(node, c, lambda x, ax: lax.squeeze(x, (ax,)))
+    return without_stack_axes(v, dims, node)
 
 
 def identity_rule(invals, params):
@@ -377,4 +461,7 @@ RULES = {
     prims.reshape_p: reshape_rule,
     prims.copy_p: identity_rule,
     prims.stop_gradient_p: stop_gradient_rule,
+    prims.slice_p: slice_rule,
+    prims.dynamic_slice_p: dynamic_slice_rule,
+    prims.squeeze_p: squeeze_rule,
 }

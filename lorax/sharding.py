@@ -38,7 +38,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lorax.node import FullyTrained, LoRA, MultiLoRA, is_array_like, is_node
+from lorax.node import FullyTrained, LoRA, MultiLoRA, is_array_like, is_node, layout_order
 from lorax.paths import path_str
 
 # Flax logical-axis rules: ((logical_name, mesh_axes_or_None), ...).
@@ -61,6 +61,7 @@ def factor_specs(
     *,
     n_stack: int = 0,
     n_in: int | None = None,
+    layout: str | None = None,
 ) -> tuple[PartitionSpec, PartitionSpec]:
     """The ``(a_spec, b_spec)`` of the factors of a kernel partitioned by ``spec``.
 
@@ -71,6 +72,9 @@ def factor_specs(
         n_stack: with an int ``node_or_ndim``: leading stacked (``nn.scan``) axes.
         n_in: with an int ``node_or_ndim``: input axes after the stack; default all but the last
             (check it against the node for attention q/k/v kernels, where lorax uses 1).
+        layout: with an int ``node_or_ndim``: the kernel's layout string (``s``/``i``/``o`` per
+            axis, see :class:`lorax.node.KernelAxes`), for axes in any order; it overrides
+            ``n_stack``/``n_in``.
 
     Returns:
         ``(a_spec, b_spec)``, each with one entry per factor dim.
@@ -85,12 +89,17 @@ def factor_specs(
         (P(None, None), P(None, 'model'))
         >>> factor_specs(P("layers", "model", None, None), 4, n_stack=1, n_in=2)
         (P('layers', 'model', None, None), P('layers', None, None))
+        >>> factor_specs(P("heads", None, None), 3, layout="oio")  # Gemma q_einsum (N, D, H)
+        (P(None, None), P(None, 'heads', None))
     """
     if isinstance(node_or_ndim, (LoRA, MultiLoRA)):
         node = node_or_ndim
         ndim, n_stack, n_in, where = len(node.shape), node.n_stack, node.n_in, f" at {node.path!r}"
+        layout = node.roles
     else:
         ndim, where = int(node_or_ndim), ""
+        if layout is not None:
+            n_stack, n_in = layout.count("s"), layout.count("i")
         n_in = ndim - n_stack - 1 if n_in is None else n_in
     if not (n_stack >= 0 and n_in >= 1 and n_stack + n_in < ndim):
         raise ValueError(
@@ -98,6 +107,8 @@ def factor_specs(
             f"n_in={n_in}, ndim={ndim}{where}"
         )
     entries = _padded(spec, ndim, where)
+    if layout is not None:
+        entries = tuple(entries[j] for j in layout_order(layout))
     stack, ins = entries[:n_stack], entries[n_stack : n_stack + n_in]
     outs = entries[n_stack + n_in :]
     return PartitionSpec(*stack, *ins, None), PartitionSpec(*stack, None, *outs)
@@ -231,7 +242,7 @@ def _node_specs(node: LoRA | MultiLoRA, spec: PartitionSpec) -> LoRA | MultiLoRA
         return dataclasses.replace(node, w=w_spec, adapters=adapters)
     magnitude = None
     if node.magnitude is not None:  # DoRA: (*stack, *out), sharded like w's stack and out axes
-        entries = _padded(spec, len(node.shape), f" at {node.path!r}")
+        entries = node.canonical(_padded(spec, len(node.shape), f" at {node.path!r}"))
         magnitude = PartitionSpec(*entries[: node.n_stack], *entries[node.n_stack + node.n_in :])
     return dataclasses.replace(node, w=w_spec, a=a_spec, b=b_spec, magnitude=magnitude)
 
@@ -251,7 +262,8 @@ def shardings(tree: Any, base_specs: Any, mesh: Mesh, *, rules: Rules | None = N
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
 
-def place_factors(w: Any, a: Any, b: Any, n_stack: int, n_in: int) -> tuple[Any, Any]:
+def place_factors(w: Any, a: Any, b: Any, n_stack: int, n_in: int,
+                  layout: str | None = None) -> tuple[Any, Any]:
     """Puts fresh factors where ``w`` is: on the factor shardings of ``w``'s ``NamedSharding``.
 
     A committed ``jax.Array`` ``w`` gets ``device_put`` factors; a ``jax.ShapeDtypeStruct``
@@ -274,13 +286,15 @@ def place_factors(w: Any, a: Any, b: Any, n_stack: int, n_in: int) -> tuple[Any,
     if not isinstance(sharding, NamedSharding):
         return a, b
     if isinstance(w, jax.ShapeDtypeStruct):
-        a_spec, b_spec = factor_specs(sharding.spec, w.ndim, n_stack=n_stack, n_in=n_in)
+        a_spec, b_spec = factor_specs(sharding.spec, w.ndim, n_stack=n_stack, n_in=n_in,
+                                      layout=layout)
         return (
             jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(sharding.mesh, a_spec)),
             jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=NamedSharding(sharding.mesh, b_spec)),
         )
     if isinstance(w, jax.Array) and w.committed:
-        a_spec, b_spec = factor_specs(sharding.spec, w.ndim, n_stack=n_stack, n_in=n_in)
+        a_spec, b_spec = factor_specs(sharding.spec, w.ndim, n_stack=n_stack, n_in=n_in,
+                                      layout=layout)
         # Every process computes the same factors (same key), as device_put onto a multi-host
         # sharding requires.
         return (

@@ -15,22 +15,92 @@ import numpy as np
 
 from lorax import pissa
 from lorax.dora import adapted_norm
-from lorax.node import FullyTrained, LoRA, is_array_like, is_node, unbox
+from lorax.node import (
+    FullyTrained,
+    LoRA,
+    canonical_layout,
+    is_array_like,
+    is_node,
+    layout_order,
+    unbox,
+)
 from lorax.paths import PathSelector, Selector, first_match, hint, path_str, unmatched_keys
 from lorax.sharding import place_factors
 
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<k>")
 # Leaf names that regex `targets` select by their module's path alone (Flax's names for
-# Dense/Conv/Einsum kernels and Embed tables); other leaves must be named by the regex itself.
-KERNEL_NAMES = ("kernel", "embedding")
+# Dense/Conv/Einsum kernels and Embed tables, Gemma's einsum `w`); other leaves must be named
+# by the regex itself.
+KERNEL_NAMES = ("kernel", "embedding", "w")
+# What `targets=None` adapts: Flax kernels, and Gemma's einsum weights (`q_einsum/w`, ...,
+# `gating_einsum` or `gating_einsum/w`, `linear` or `linear/w`).
+DEFAULT_TARGETS = re.compile(r"(^|/)(kernel|[^/]*einsum/w|[^/]*einsum|linear/w|linear)$")
 # Flax attention projections (Linen MultiHeadDotProductAttention, NNX MultiHeadAttention) keep
 # q/k/v kernels as (features, heads, head_dim): one input axis. Everything else defaults to
 # "all axes but the last are inputs" (Dense, Conv, Embed, the attention output projection).
 _QKV_KERNEL = re.compile(r"(^|/)(query|key|value)/kernel$")
+# Gemma's attention einsums (heads N, kv heads K, model width D, head width H): q_einsum
+# (N, D, H) "BTD,NDH->BTNH"; kv_einsum (2, K, D, H) "BSD,CKDH->CBSKH" and qkv_einsum
+# (3, N, D, H), whose leading axis picks k/v (q/k/v): one adapter each, as PEFT's k_proj/v_proj;
+# attn_vec_einsum (N, H, D) "BTNH,NHD->BTD". Extra leading axes are nn.scan's layer stack.
+_NAMED_LAYOUTS = (
+    (re.compile(r"(^|/)q_einsum(/w)?$"), "oio"),
+    (re.compile(r"(^|/)(kv|qkv)_einsum(/w)?$"), "soio"),
+    (re.compile(r"(^|/)attn_vec_einsum(/w)?$"), "iio"),
+)
+# Gemma's gated MLP: (2, F, D) (new) or (2, D, F) (old, used as `x @ w[0]`); the model width D
+# is the smaller one.
+_GATING = re.compile(r"(^|/)gating_einsum(/w)?$")
+# nn.ConvLocal: (*out_spatial, in_features * window, features), one kernel per position.
+_CONV_LOCAL = re.compile(r"(^|/)ConvLocal(_\d+)?/kernel$")
 
 
 def _is_float_array(leaf: Any) -> bool:
     return is_array_like(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def default_layout(path: str, shape: tuple[int, ...]) -> str:
+    """The layout ``wrap`` gives a kernel when neither ``axes`` nor ``in_axes``/``stacked``
+    name it: from Flax's and Gemma's module names, else all axes but the last are inputs.
+
+    Example:
+        >>> default_layout("layer_0/attn/q_einsum/w", (8, 64, 16))
+        'oio'
+        >>> default_layout("layers/attn/kv_einsum/w", (4, 2, 1, 64, 16))  # scanned: 4 layers
+        'ssoio'
+        >>> default_layout("mlp/gating_einsum", (2, 256, 64)), default_layout("kernel", (4, 8))
+        ('soi', 'io')
+    """
+    ndim = len(shape)
+    for pattern, layout in _NAMED_LAYOUTS:
+        if pattern.search(path) and ndim >= len(layout):
+            return "s" * (ndim - len(layout)) + layout
+    if _GATING.search(path) and ndim >= 3:
+        return "s" * (ndim - 2) + ("io" if shape[-2] <= shape[-1] else "oi")
+    if _CONV_LOCAL.search(path) and ndim >= 3:
+        return "s" * (ndim - 2) + "io"
+    n_in = default_in_axes(path, ndim)
+    return canonical_layout(ndim, 0, n_in)
+
+
+def check_layout(layout: Any, shape: tuple[int, ...], path: str) -> str:
+    """Validates an ``axes`` layout string for a kernel of ``shape``.
+
+    Example:
+        >>> check_layout("o i o", (8, 64, 16), "q_einsum/w")
+        'oio'
+    """
+    if not isinstance(layout, str):
+        raise TypeError(f"expected `axes` to hold layout strings such as 'oio', got "
+                        f"{type(layout).__name__} {layout!r} at {path!r}")
+    roles = layout.replace(" ", "")
+    if len(roles) != len(shape) or set(roles) - set("sio") or "i" not in roles or (
+            "o" not in roles):
+        raise ValueError(
+            f"expected `axes` to give one letter per axis of the kernel of shape {list(shape)}: "
+            "'s' (stack), 'i' (input) or 'o' (output), with at least one 'i' and one 'o'; got "
+            f"{layout!r} at {path!r}")
+    return roles
 
 
 def default_in_axes(path: str, ndim: int) -> int:
@@ -67,8 +137,10 @@ def _leaf_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def _init_factors(w: Any, rank: int, n_stack: int, n_in: int, init: str, key, dtype):
-    shape = tuple(w.shape)
+def _init_factors(shape: tuple[int, ...], w: Any, rank: int, n_stack: int, n_in: int, init: str,
+                  key, dtype):
+    """Fresh ``a``, ``b`` for a kernel whose canonical ``(*stack, *in, *out)`` shape is
+    ``shape`` (abstract when ``w`` is)."""
     stack, ins, outs = shape[:n_stack], shape[n_stack : n_stack + n_in], shape[n_stack + n_in :]
     a_shape, b_shape = (*stack, *ins, rank), (*stack, rank, *outs)
     if isinstance(w, jax.ShapeDtypeStruct):
@@ -94,6 +166,7 @@ def wrap(
     alpha_pattern: Mapping[str, float] | None = None,
     in_axes: int | Mapping[str, int] | None = None,
     stacked: Mapping[str, int] | None = None,
+    axes: str | Mapping[str, str] | None = None,
     train: Selector = None,
     init: str = "kaiming",
     rslora: bool = False,
@@ -114,8 +187,10 @@ def wrap(
         params: a Flax Linen ``params`` dict (or FrozenDict), an ``nnx.State``, or any pytree of
             arrays; trees of ``jax.ShapeDtypeStruct`` give abstract factors.
         rank: the default rank ``r``.
-        targets: which leaves to adapt. ``None`` selects every floating leaf named ``kernel``
-            with at least 2 dims (embedding tables only when targeted explicitly). A regex is
+        targets: which leaves to adapt. ``None`` selects every floating leaf of at least 2 dims
+            named ``kernel`` (Flax) or Gemma's einsum weights (``q_einsum/w``, ``kv_einsum/w``,
+            ``qkv_einsum/w``, ``attn_vec_einsum/w``, ``gating_einsum``, ``linear``), not
+            embedding tables (target those explicitly). A regex is
             searched in the '/'-joined path; a list matches when any regex does; a callable
             ``(path, leaf) -> bool``. A regex selects the ``kernel``/``embedding`` leaves under
             the paths it matches (so ``"query"`` adapts a module's kernel, not its bias); any
@@ -129,6 +204,13 @@ def wrap(
             head_dim)``, otherwise all axes but the last.
         stacked: ``{regex: n}``: the first ``n`` axes index a stack of layers (``nn.scan``);
             each layer gets its own factors.
+        axes: the general form of ``in_axes``/``stacked``: a layout string with one letter
+            per axis of the kernel, ``s`` (stack: each index has its own factors), ``i`` (input,
+            contracted with the activation) or ``o`` (output), in any order; one string for all
+            adapted kernels or ``{regex: layout}``. ``lorax.infer_axes(fn, params, *args)``
+            reads every kernel's layout off the model. Default (:func:`default_layout`):
+            Gemma's einsum names (``q_einsum`` ``'oio'``, ``kv_einsum``/``qkv_einsum``
+            ``'soio'``, ...), ``nn.ConvLocal``, then ``in_axes``' default.
         train: leaves to fine-tune in full (PEFT's ``modules_to_save``), boxed as
             :class:`lorax.FullyTrained`; they take precedence over ``targets``.
         init: ``"kaiming"`` (``a`` uniform in ±1/sqrt(fan_in), as PEFT) or ``"gaussian"``
@@ -157,6 +239,9 @@ def wrap(
         ValueError: for a bad argument, naming it and the offending path.
         TypeError: for an argument of the wrong type.
 
+    A kernel wrapped with the wrong layout is reported by :func:`lorax.lora` with the ``axes``
+    that fit its use.
+
     Example:
         >>> import jax, jax.numpy as jnp, lorax
         >>> params = {"dense": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}}
@@ -166,6 +251,9 @@ def wrap(
         ((16, 4), (4, 8), 2.0)
         >>> node.w is params["dense"]["kernel"]
         True
+        >>> gemma = {"attn": {"q_einsum": {"w": jnp.ones((4, 32, 8))}}}  # (heads, d, head_dim)
+        >>> lorax.wrap(gemma, rank=4)["attn"]["q_einsum"]["w"].layout
+        'oio'
     """
     _check_int(rank, "rank", None, 1)
     alpha = _check_alpha(alpha, None)
@@ -185,7 +273,8 @@ def wrap(
     if in_axes is not None and not isinstance(in_axes, Mapping):
         _check_int(in_axes, "in_axes", None, 1)
     for argname, mapping in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern),
-                             ("stacked", stacked)):
+                             ("stacked", stacked)) + ((("axes", axes),) if not isinstance(
+                                 axes, str) else ()):
         if mapping is not None and not isinstance(mapping, Mapping):
             raise TypeError(
                 f"expected `{argname}` to be a dict {{regex: value}}, got {type(mapping).__name__}"
@@ -235,7 +324,7 @@ def wrap(
             exclude_hits.update(excluded_by)
             continue
         if target_sel.is_none:
-            if path.rsplit("/", 1)[-1] == "kernel" and _is_float_array(leaf) and leaf.ndim >= 2:
+            if DEFAULT_TARGETS.search(path) and _is_float_array(leaf) and leaf.ndim >= 2:
                 adapted.append(path)
             continue
         hits = target_sel.naming(path, leaf, KERNEL_NAMES)
@@ -265,7 +354,10 @@ def wrap(
                 f"{x.dtype}{list(x.shape)} at {p!r}"
             )
     if not adapted:
-        raise ValueError(f"no leaf was selected for adaptation; {hint(array_paths)}")
+        default = (" (the default `targets` picks floating leaves of ndim >= 2 named `kernel` or "
+                   "Gemma's einsum weights; pass `targets=` regexes for other names)"
+                   if target_sel.is_none else "")
+        raise ValueError(f"no leaf was selected for adaptation{default}; {hint(array_paths)}")
     for argname, mapping in (
         ("rank_pattern", rank_pattern),
         ("alpha_pattern", alpha_pattern),
@@ -278,6 +370,11 @@ def wrap(
                 f"`{argname}` pattern {missing[0]!r} matched no adapted leaf; adapted paths: "
                 + ", ".join(repr(p) for p in adapted[:8])
             )
+    # `axes` may come from infer_axes, which lists every kernel the model uses: its keys need
+    # only match some leaf.
+    missing = unmatched_keys(None if isinstance(axes, str) else axes, array_paths, "axes")
+    if missing:
+        raise ValueError(f"`axes` pattern {missing[0]!r} matched no leaf; {hint(array_paths)}")
 
     adapted_set = set(adapted)
     new_leaves = []
@@ -286,53 +383,86 @@ def wrap(
             new_leaves.append(FullyTrained(leaf))
         elif path in adapted_set:
             new_leaves.append(
-                _adapt(path, leaf, rank, alpha, rank_pattern, alpha_pattern, in_axes, stacked,
-                       init, rslora, float(dropout), key, dtype, dora=bool(dora))
+                _adapt(path, leaf, rank, alpha, rank_pattern, alpha_pattern,
+                       _layout(path, leaf, in_axes, stacked, axes), init, rslora,
+                       float(dropout), key, dtype, dora=bool(dora))
             )
         else:
             new_leaves.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, new_leaves)
 
 
-def _adapt(path, w, rank, alpha, rank_pattern, alpha_pattern, in_axes, stacked, init, rslora,
-           dropout, key, dtype, *, dora: bool = False) -> LoRA:
-    n_stack = first_match(stacked, path, "stacked") or 0
-    n_stack = _check_int(n_stack, "stacked", path, 0)
-    ndim = w.ndim - n_stack
+def _layout(path: str, w: Any, in_axes, stacked, axes) -> str:
+    """The kernel's layout from ``axes``, else ``stacked``/``in_axes``, else the default."""
+    shape = tuple(w.shape)
+    layout = axes if isinstance(axes, str) else first_match(axes, path, "axes")
+    n_stack = first_match(stacked, path, "stacked")
+    n_in = in_axes if isinstance(in_axes, int) else first_match(in_axes, path, "in_axes")
+    if layout is not None:
+        if n_stack is not None or isinstance(in_axes, Mapping) and n_in is not None:
+            raise ValueError(f"expected either `axes` or `stacked`/`in_axes` for {path!r}, got "
+                             "both; `axes` alone says everything")
+        return check_layout(layout, shape, path)
+    if n_stack is None and n_in is None:
+        return default_layout(path, shape)
+    n_stack = _check_int(n_stack or 0, "stacked", path, 0)
+    ndim = len(shape) - n_stack
     if ndim < 2:
         raise ValueError(
             f"expected `stacked` to leave at least 2 kernel axes, got {n_stack} stacked axes of "
-            f"shape {list(w.shape)} at {path!r}"
+            f"shape {list(shape)} at {path!r}"
         )
-    n_in = in_axes if isinstance(in_axes, int) else first_match(in_axes, path, "in_axes")
     n_in = default_in_axes(path, ndim) if n_in is None else _check_int(n_in, "in_axes", path, 1)
     if n_in >= ndim:
         raise ValueError(
             f"expected `in_axes` < {ndim} (the kernel's non-stacked dims) so at least one output "
-            f"axis remains, got {n_in} for shape {list(w.shape)} at {path!r}"
+            f"axis remains, got {n_in} for shape {list(shape)} at {path!r}"
         )
+    return canonical_layout(len(shape), n_stack, n_in)
+
+
+def _adapt(path, w, rank, alpha, rank_pattern, alpha_pattern, layout, init, rslora, dropout, key,
+           dtype, *, dora: bool = False) -> LoRA:
+    n_stack, n_in = layout.count("s"), layout.count("i")
+    order = layout_order(layout)
+    canonical = tuple(w.shape[j] for j in order)
     r = first_match(rank_pattern, path, "rank_pattern")
     r = rank if r is None else _check_int(r, "rank_pattern", path, 1)
-    fan_in = math.prod(w.shape[n_stack : n_stack + n_in])
-    fan_out = math.prod(w.shape[n_stack + n_in :])
+    fan_in = math.prod(canonical[n_stack : n_stack + n_in])
+    fan_out = math.prod(canonical[n_stack + n_in :])
     if r > min(fan_in, fan_out):
         raise ValueError(
-            f"expected `rank` <= min(in, out) = min({fan_in}, {fan_out}), got {r} at {path!r}"
+            f"expected `rank` <= min(in, out) = min({fan_in}, {fan_out}), got {r} at {path!r} "
+            f"(layout {layout!r}; a stacked kernel needs `stacked=` or `axes=`)"
         )
     a_ = first_match(alpha_pattern, path, "alpha_pattern")
     a_ = alpha if a_ is None else _check_alpha(a_, path)
     scale = a_ / math.sqrt(r) if rslora else a_ / r
     factor_dtype = jnp.dtype(dtype) if dtype is not None else w.dtype
+    is_canonical = order == tuple(range(len(order)))
+    stored = None if is_canonical else layout  # canonical kernels keep the compact form
     residual = init.startswith("pissa")
     if residual:  # PiSSA: w becomes the residual W - s·a·b
-        a, b, w = pissa.init_factors(w, r, scale, n_stack, n_in, init, _leaf_key(key, path),
-                                     factor_dtype)
+        w_c = w if is_canonical else _transposed(w, order)
+        a, b, w_c = pissa.init_factors(w_c, r, scale, n_stack, n_in, init, _leaf_key(key, path),
+                                       factor_dtype)
+        w = w_c if is_canonical else _transposed(w_c, tuple(np.argsort(order)))
     else:
-        a, b = _init_factors(w, r, n_stack, n_in, init, _leaf_key(key, path), factor_dtype)
-    a, b = place_factors(w, a, b, n_stack, n_in)  # on w's NamedSharding, if it has one
-    magnitude = _dora_magnitude(w, a, b, scale, n_stack, n_in, factor_dtype) if dora else None
+        a, b = _init_factors(canonical, w, r, n_stack, n_in, init, _leaf_key(key, path),
+                             factor_dtype)
+    a, b = place_factors(w, a, b, n_stack, n_in, layout)  # on w's NamedSharding, if it has one
+    magnitude = None
+    if dora:
+        w_c = w if is_canonical else _transposed(w, order)
+        magnitude = _dora_magnitude(w_c, a, b, scale, n_stack, n_in, factor_dtype)
     return LoRA(w=w, a=a, b=b, magnitude=magnitude, scale=scale, rank=r, n_stack=n_stack,
-                n_in=n_in, path=path, dropout=dropout, residual=residual)
+                n_in=n_in, path=path, dropout=dropout, residual=residual, layout=stored)
+
+
+def _transposed(w: Any, order: tuple[int, ...]) -> Any:
+    if isinstance(w, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(w.shape[j] for j in order), w.dtype)
+    return jnp.transpose(w, order)
 
 
 def _dora_magnitude(w, a, b, scale, n_stack, n_in, dtype):
