@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_array_like, is_node
 from lorax.partition import combine, split
-from lorax.paths import path_str
+from lorax.paths import check_tree, path_str
 
 FORMAT = 1
 _ADAPTERS, _META, _OPT, _EXTRA, _DATA = "adapters", "lorax", "opt_state", "extra", "data"
@@ -159,6 +159,7 @@ class CheckpointManager:
         Returns:
             Whether a save was started (False when ``save_interval_steps`` skips this step).
         """
+        _check_adapted(tree)
         items = {_ADAPTERS: ocp.args.StandardSave(split(tree)[0]),
                  _META: ocp.args.JsonSave(describe(tree))}
         if opt_state is not None:
@@ -250,6 +251,23 @@ class CheckpointManager:
         self.close()
 
 
+def _check_adapted(tree: Any) -> None:
+    """Refuses a tree with nothing to save: a step without adapters would hide the last good
+    one."""
+    check_tree(tree, "tree", is_node)
+    if not any(is_node(x) for x in jax.tree.leaves(tree, is_leaf=is_node)):
+        raise ValueError(
+            "expected `tree` to hold adapters (LoRA nodes or FullyTrained leaves), got a tree "
+            "without any: a merged or unwrapped tree has nothing to checkpoint; save the wrapped "
+            "tree (before lorax.merge) or use orbax directly for plain params")
+
+
+def _check_exists(directory: str | os.PathLike) -> None:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"expected `directory` to be an existing checkpoint directory, "
+                                f"got {os.fspath(directory)!r}, which does not exist")
+
+
 def save(directory: str | os.PathLike, tree: Any, *, step: int | None = None,
          extra: Any = None) -> int:
     """Writes the adapters of ``tree`` (never W) and their metadata; returns the step written.
@@ -269,6 +287,7 @@ def save(directory: str | os.PathLike, tree: Any, *, step: int | None = None,
         >>> bool((lorax.restore(directory, lp)["kernel"].a == lp["kernel"].a).all())
         True
     """
+    _check_adapted(tree)
     with CheckpointManager(directory, async_save=False) as manager:
         if step is None:
             latest = manager.latest_step()
@@ -297,6 +316,7 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
         ...
         lorax.checkpoint.CheckpointMismatchError: checkpoint ... does not fit the tree ...
     """
+    _check_exists(directory)
     with CheckpointManager(directory, async_save=False) as manager:
         restored = manager.restore(like, step, extra=extra)
     return (restored.tree, restored.extra) if extra is not None else restored.tree

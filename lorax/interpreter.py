@@ -62,6 +62,9 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
         >>> bool(jnp.allclose(y, jnp.ones((3, 8)) @ params["kernel"]))
         True
     """
+    if not callable(fn):
+        raise TypeError(f"expected `fn` to be a callable (e.g. model.apply), got "
+                        f"{type(fn).__name__}")
 
     @functools.wraps(fn)
     def wrapped(*args: Any, lora_key: jax.Array | None = None, adapter_ids: Any = None,

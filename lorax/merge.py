@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_lora, is_node
-from lorax.paths import path_str
+from lorax.paths import check_tree, path_str
 
 
 def merge(tree: Any) -> Any:
@@ -30,6 +30,8 @@ def merge(tree: Any) -> Any:
         >>> bool((merged["kernel"] == params["kernel"]).all())
         True
     """
+
+    check_tree(tree, "tree", is_node)
 
     def fold(node: Any) -> Any:
         if isinstance(node, (LoRA, MultiLoRA)):  # MultiLoRA: its active adapters

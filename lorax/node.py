@@ -69,6 +69,16 @@ class KernelAxes:
         """The shape of the adapted kernel (that of ``w``)."""
         return tuple(self.w.shape)
 
+    def _not_an_array(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"a lorax {type(self).__name__} node (the kernel at {getattr(self, 'path', '')!r}) "
+            "was used as an array: transform the function that consumes the wrapped tree with "
+            "lorax.lora, e.g. lorax.lora(model.apply)({'params': lp}, x), or fold the adapters "
+            "in with lorax.merge(lp) for inference")
+
+    __array__ = _not_an_array
+    __jax_array__ = _not_an_array
+
     @property
     def dtype(self) -> Any:
         """The dtype of the adapted kernel (that of ``w``, or of a quantized ``w``'s original)."""

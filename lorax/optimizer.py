@@ -37,4 +37,9 @@ def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
         >>> sum(x.size for x in jax.tree.leaves(state))  # Adam's mu, nu for a, b + count
         1025
     """
+    if not isinstance(tx, optax.GradientTransformation):
+        hint = (f" (call it: `{getattr(tx, '__name__', 'tx')}(learning_rate)`)"
+                if callable(tx) else "")
+        raise TypeError(f"expected `tx` to be an optax.GradientTransformation, got "
+                        f"{type(tx).__name__}{hint}")
     return optax.multi_transform({_TRAIN: tx, _FREEZE: optax.set_to_zero()}, _labels)

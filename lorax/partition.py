@@ -8,6 +8,7 @@ from typing import Any
 import jax
 
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_node
+from lorax.paths import check_tree
 
 
 def _mark(node: Any) -> Any:
@@ -41,6 +42,7 @@ def trainable(tree: Any) -> Any:
         >>> jax.tree.leaves(lorax.trainable(lp))  # bias, then kernel's w, a, b
         [False, False, True, True]
     """
+    check_tree(tree, "tree", is_node)
     return jax.tree.map(_mark, tree, is_leaf=is_node)
 
 

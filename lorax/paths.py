@@ -165,3 +165,23 @@ def hint(paths: Sequence[str], limit: int = 8) -> str:
     shown = ", ".join(repr(p) for p in paths[:limit])
     more = f", ... ({len(paths) - limit} more)" if len(paths) > limit else ""
     return f"available paths: {shown}{more}" if paths else "the tree has no array leaves"
+
+
+def check_tree(tree: Any, argname: str, is_leaf: Callable[[Any], bool]) -> None:
+    """Raises a ``TypeError`` naming ``argname`` and the path when ``tree`` has a leaf that is
+    neither an array, a node (``is_leaf``), a number nor ``None`` (e.g. ``object()``, a module,
+    an optax function passed by mistake).
+
+    Example:
+        >>> check_tree({"w": object()}, "tree", lambda x: False)
+        Traceback (most recent call last):
+        ...
+        TypeError: expected `tree` to be a pytree of arrays, got object at 'w'
+    """
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
+        if leaf is None or is_leaf(leaf) or isinstance(leaf, (int, float, complex)):
+            continue
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            where = path_str(keypath) or "the root"
+            raise TypeError(f"expected `{argname}` to be a pytree of arrays, got "
+                            f"{type(leaf).__name__} at {where!r}")
