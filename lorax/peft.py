@@ -77,9 +77,16 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from lorax.node import FullyTrained, LoRA, is_array_like, is_node
+from lorax.node import (
+    FullyTrained,
+    LoRA,
+    canonical_layout,
+    is_array_like,
+    is_node,
+    layout_order,
+)
 from lorax.paths import path_str
-from lorax.wrap import default_in_axes, default_layout
+from lorax.wrap import check_layout, default_in_axes, default_layout
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 """The tensor file PEFT reads and writes (``safe_serialization=True``, its default)."""
@@ -130,6 +137,10 @@ class TorchParam:
             kernel must be ``"weight"``.
         n_in: how many leading (non-stacked) axes of the kernel are inputs; default
             :func:`lorax.wrap.default_in_axes` (what :func:`lorax.wrap` uses).
+        layout: the kernel's layout string (``s``/``i``/``o`` per axis, see
+            :class:`lorax.node.KernelAxes`) when its axes are in another order, e.g. ``"oio"``
+            for Gemma's ``q_einsum`` ``(N, D, H)`` (PEFT's ``q_proj`` is ``(N*H, D)``); it
+            overrides ``n_in``. Default: :func:`lorax.wrap.default_layout`, as ``wrap``.
         embedding: whether the module is an ``nn.Embedding`` (PEFT names its factors
             ``lora_embedding_A``/``_B``); default: the leaf is named ``embedding``.
         to_torch: converts the Flax array to the PyTorch layout, for leaves trained in full;
@@ -146,6 +157,7 @@ class TorchParam:
     module: str | tuple[str, ...]
     param: str = "weight"
     n_in: int | None = None
+    layout: str | None = None
     embedding: bool | None = None
     to_torch: Callable[[np.ndarray], np.ndarray] | None = None
     to_flax: Callable[[np.ndarray], np.ndarray] | None = None
@@ -205,6 +217,19 @@ def _is_embedding(target: TorchParam, path: str) -> bool:
 
 def _kernel_n_in(target: TorchParam, path: str, ndim: int) -> int:
     return default_in_axes(path, ndim) if target.n_in is None else int(target.n_in)
+
+
+def _kernel_layout(target: TorchParam, path: str, shape: tuple[int, ...]) -> str:
+    """The layout a LoRA kernel has in the PyTorch module's terms: one stack axis when the
+    name map gives one module per stacked kernel, else none."""
+    n_stack = 1 if isinstance(target.module, tuple) else 0
+    if target.layout is not None:
+        return check_layout(target.layout, shape, path)
+    if target.n_in is None:
+        layout = default_layout(path, shape)
+        if layout.count("s") == n_stack:
+            return layout
+    return canonical_layout(len(shape), n_stack, _kernel_n_in(target, path, len(shape) - n_stack))
 
 
 def _leaf_to_torch(target: TorchParam, path: str, value: Any) -> np.ndarray:
@@ -326,20 +351,21 @@ def _adapters_of(path: str, node: LoRA, target: TorchParam | None, use_rslora: b
     # The factors are canonical: PEFT's in/out features are the input/output axes flattened in
     # the kernel's own order, whatever the layout (Gemma's q_einsum (N, D, H) gives q_proj's
     # (N*H, D) weight).
-    expected_n_in = (default_layout(path, node.shape).count("i") if target.n_in is None
-                     else int(target.n_in))
-    if node.n_in != expected_n_in:
-        raise ValueError(
-            f"the LoRA kernel {path!r} has n_in={node.n_in} input axes but `name_map` "
-            f"implies {expected_n_in}; set TorchParam(n_in=...) to match the PyTorch module"
-        )
     stack = node.stack_shape
+    if not node.n_stack or len(target.modules) == math.prod(stack):
+        expected = _kernel_layout(target, path, node.shape)
+        if node.roles != expected:
+            raise ValueError(
+                f"the LoRA kernel {path!r} has layout {node.roles!r} (n_in={node.n_in}) but "
+                f"`name_map` implies {expected!r}, which lorax.peft.load would rebuild; set "
+                f"TorchParam(layout={node.roles!r}) to match the PyTorch module"
+            )
     layers = math.prod(stack)
     if node.n_stack and len(target.modules) != layers:
         raise NotImplementedError(
             f"the LoRA kernel {path!r} is stacked over axes {list(stack)}; PEFT has one module "
-            f"per kernel, so map it to a tuple of {layers} module paths, one per stacked kernel "
-            "(row-major over the stack axes)"
+            f"per kernel, so map it to a tuple of module paths ({layers}, one per stacked "
+            "kernel, row-major over the stack axes)"
         )
     if node.n_stack == 0 and isinstance(target.module, tuple):
         raise ValueError(
@@ -803,15 +829,18 @@ def load(
         (key_a, A), (key_b, B) = sides["A"], sides["B"]
         slot = by_module[module]
         target, w = slot.target, slot.leaf
-        n_stack = 1 if isinstance(target.module, tuple) else 0
-        kernel_shape = tuple(w.shape[n_stack:])
-        n_in = _kernel_n_in(target, slot.path, len(kernel_shape))
-        if not 1 <= n_in < len(kernel_shape):
+        try:
+            layout = _kernel_layout(target, slot.path, tuple(w.shape))
+        except ValueError:
+            layout = ""
+        if not layout or layout.count("s") > 1:
             raise ValueError(
                 f"module {module!r}: the Flax leaf {slot.path!r} of shape {list(w.shape)} is not "
                 "a kernel with input and output axes"
             )
-        in_shape, out_shape = kernel_shape[:n_in], kernel_shape[n_in:]
+        n_stack, n_in = layout.count("s"), layout.count("i")
+        canonical = tuple(w.shape[j] for j in layout_order(layout))
+        in_shape, out_shape = canonical[n_stack : n_stack + n_in], canonical[n_stack + n_in :]
         rank = int(pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
         alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
         for key, array, expected in (
@@ -836,7 +865,7 @@ def load(
         nodes[slot.path] = LoRA(
             w=w, a=_as_factor(a, dtype), b=_as_factor(b, dtype), scale=scale, rank=rank,
             n_stack=0, n_in=n_in, path=slot.path, dropout=dropout,
-            magnitude=None if m is None else jnp.asarray(m),
+            magnitude=None if m is None else jnp.asarray(m), layout=_stored(layout),
         )
     for path, (slot, layers) in stacked.items():
         nodes[path] = _stack_layers(path, slot, layers, dropout, dtype)
@@ -907,9 +936,15 @@ def _stack_layers(path: str, slot: _Slot, layers: list, dropout: float, dtype: A
             f"{sorted(scales)}; a stacked LoRA node needs one rank and one scale"
         )
     w = slot.leaf
-    n_in = _kernel_n_in(slot.target, path, w.ndim - 1)
+    layout = _kernel_layout(slot.target, path, tuple(w.shape))
     a = np.stack([item[1] for item in layers])
     b = np.stack([item[2] for item in layers])
     m = None if layers[0][5] is None else jnp.asarray(np.stack([item[5] for item in layers]))
     return LoRA(w=w, a=_as_factor(a, dtype), b=_as_factor(b, dtype), scale=scales.pop(),
-                rank=ranks.pop(), n_stack=1, n_in=n_in, path=path, dropout=dropout, magnitude=m)
+                rank=ranks.pop(), n_stack=1, n_in=layout.count("i"), path=path, dropout=dropout,
+                magnitude=m, layout=_stored(layout))
+
+
+def _stored(layout: str) -> str | None:
+    """The node's ``layout`` field: ``None`` for the canonical order."""
+    return None if layout_order(layout) == tuple(range(len(layout))) else layout

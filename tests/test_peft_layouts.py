@@ -1,0 +1,94 @@
+"""PEFT files for kernels whose axes are not (*stack, *in, *out): Gemma's einsum layouts."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import lorax
+import lorax.peft
+
+N, K, D, H = 4, 2, 16, 8
+
+NAME_MAP = {
+    "attn/q_einsum/w": "model.layers.0.self_attn.q_proj",
+    "attn/kv_einsum/w": lorax.peft.TorchParam(("model.layers.0.self_attn.k_proj",
+                                                 "model.layers.0.self_attn.v_proj")),
+    "attn/attn_vec_einsum/w": "model.layers.0.self_attn.o_proj",
+}
+
+
+def _params():
+    keys = jax.random.split(jax.random.key(0), 3)
+    return {"attn": {
+        "q_einsum": {"w": jax.random.normal(keys[0], (N, D, H))},
+        "kv_einsum": {"w": jax.random.normal(keys[1], (2, K, D, H))},
+        "attn_vec_einsum": {"w": jax.random.normal(keys[2], (N, H, D))},
+    }}
+
+
+def _random_b(lp):
+    def fill(node):
+        if not lorax.is_lora(node):
+            return node
+        key = jax.random.fold_in(jax.random.key(1), len(node.path))
+        return dataclasses.replace(node, b=jax.random.normal(key, node.b.shape))
+
+    return jax.tree.map(fill, lp, is_leaf=lorax.is_lora)
+
+
+def _torch_deltas(params, merged):
+    """PyTorch's (out, in) weight deltas, from the merged Flax kernels (independent of the
+    factors): q_proj (N*H, D), k/v_proj (K*H, D), o_proj (D, N*H)."""
+    d = jax.tree.map(lambda m, w: np.asarray(m, np.float64) - np.asarray(w, np.float64),
+                     merged, params)["attn"]
+    q = d["q_einsum"]["w"].transpose(0, 2, 1).reshape(N * H, D)
+    k = d["kv_einsum"]["w"][0].transpose(0, 2, 1).reshape(K * H, D)
+    v = d["kv_einsum"]["w"][1].transpose(0, 2, 1).reshape(K * H, D)
+    o = d["attn_vec_einsum"]["w"].reshape(N * H, D).T
+    return {"q_proj": q, "k_proj": k, "v_proj": v, "o_proj": o}
+
+
+def test_gemma_layouts_export_to_peft_projection_weights(tmp_path):
+    params = _params()
+    lp = _random_b(lorax.wrap(params, rank=2, alpha=4.0))
+    assert [n.roles for n in jax.tree.leaves(lp, is_leaf=lorax.is_lora)] == ["iio", "soio", "oio"]
+    lorax.peft.save(tmp_path, lp, name_map=NAME_MAP)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    expected = _torch_deltas(params, lorax.merge(lp))
+    prefix = "base_model.model.model.layers.0.self_attn."
+    for name, delta in expected.items():
+        a = tensors[f"{prefix}{name}.lora_A.weight"].astype(np.float64)
+        b = tensors[f"{prefix}{name}.lora_B.weight"].astype(np.float64)
+        got = scale * b @ a
+        tol = 32 * np.finfo(np.float32).eps * np.abs(delta).max()
+        np.testing.assert_allclose(got, delta, rtol=0, atol=tol, err_msg=name)
+
+
+def test_gemma_layouts_round_trip(tmp_path):
+    params = _params()
+    lp = _random_b(lorax.wrap(params, rank=2))
+    lorax.peft.save(tmp_path, lp, name_map=NAME_MAP)
+    back = lorax.peft.load(tmp_path, params, name_map=NAME_MAP)
+    for old, new in zip(jax.tree.leaves(lp, is_leaf=lorax.is_lora),
+                        jax.tree.leaves(back, is_leaf=lorax.is_lora), strict=True):
+        assert new.roles == old.roles
+        np.testing.assert_array_equal(new.a, old.a)
+        np.testing.assert_array_equal(new.b, old.b)
+
+
+def test_layout_disagreeing_with_name_map_names_the_fix(tmp_path):
+    params = _params()
+    lp = lorax.wrap(params, rank=2, axes={"q_einsum": "ooi"})  # not how q_proj is laid out
+    with pytest.raises(ValueError, match=r"layout 'ooi'.*TorchParam\(layout='ooi'\)"):
+        lorax.peft.save(tmp_path, lp, name_map=NAME_MAP)
+    name_map = {**NAME_MAP, "attn/q_einsum/w": lorax.peft.TorchParam(
+        "model.layers.0.self_attn.q_proj", layout="ooi")}
+    lorax.peft.save(tmp_path, lp, name_map=name_map)
+    back = lorax.peft.load(tmp_path, params, name_map=name_map)
+    assert back["attn"]["q_einsum"]["w"].roles == "ooi"
