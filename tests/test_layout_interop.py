@@ -1,14 +1,16 @@
-"""PEFT files for kernels whose axes are not (*stack, *in, *out): Gemma's einsum layouts."""
+"""PEFT files, checkpoints and shardings for kernels whose axes are not (*stack, *in, *out)."""
 
 import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 import lorax
+import lorax.checkpoint
 import lorax.peft
 
 N, K, D, H = 4, 2, 16, 8
@@ -92,3 +94,30 @@ def test_layout_disagreeing_with_name_map_names_the_fix(tmp_path):
     lorax.peft.save(tmp_path, lp, name_map=name_map)
     back = lorax.peft.load(tmp_path, params, name_map=name_map)
     assert back["attn"]["q_einsum"]["w"].roles == "ooi"
+
+
+def test_checkpoint_records_layout_and_rejects_another(tmp_path):
+    params = _params()
+    lp = _random_b(lorax.wrap(params, rank=2))
+    meta = lorax.checkpoint.describe(lp)["kernels"]
+    assert meta["attn/q_einsum/w"]["layout"] == "oio"
+    assert "layout" not in meta["attn/attn_vec_einsum/w"]  # canonical: metadata unchanged
+    lorax.save(tmp_path, lp)
+    back = lorax.restore(tmp_path, lorax.wrap(params, rank=2))
+    np.testing.assert_array_equal(back["attn"]["q_einsum"]["w"].b, lp["attn"]["q_einsum"]["w"].b)
+    other = lorax.wrap(params, rank=2, axes={"q_einsum": "ioo"})
+    with pytest.raises(lorax.CheckpointMismatchError, match="q_einsum/w"):
+        lorax.restore(tmp_path, other)
+
+
+def test_factor_shardings_follow_the_layout():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("heads",))
+    spec = jax.sharding.PartitionSpec("heads", None, None)  # q_einsum sharded over heads N
+    w = jax.ShapeDtypeStruct((N, D, H), jnp.float32,
+                             sharding=jax.sharding.NamedSharding(mesh, spec))
+    node = lorax.wrap({"q_einsum": {"w": w}}, rank=2)["q_einsum"]["w"]
+    # a: (D, r) replicated; b: (r, N, H) keeps N's mesh axis.
+    assert node.a.sharding.spec == jax.sharding.PartitionSpec(None, None)
+    assert node.b.sharding.spec == jax.sharding.PartitionSpec(None, "heads", None)
+    specs = lorax.partition_specs({"q_einsum": {"w": node}}, {"q_einsum": {"w": spec}})
+    assert specs["q_einsum"]["w"].b == jax.sharding.PartitionSpec(None, "heads", None)
