@@ -65,10 +65,13 @@ class _Uses:
     def layout(self, preferred: str | None = None) -> tuple[str | None, str]:
         """The layout string these uses imply, or ``(None, why)`` when none fits them all.
 
-        ``preferred`` (the name-based default) wins when it fits: a free axis of a matmul may
-        be an output or a stack axis (Gemma's k/v selector), which only the name tells.
+        ``preferred`` (the name-based default) wins when it fits and the first matmul
+        contracts its inputs: a free axis of a matmul may be an output or a stack axis
+        (Gemma's k/v selector), which only the name tells.
         """
-        if preferred is not None and self.used() and self.fits(preferred):
+        if preferred is not None and self.used() and self.fits(preferred) and (
+                self.lookups or self.convs
+                or set(self.dots[0][0]) == {j for j, r in enumerate(preferred) if r == "i"}):
             return preferred, ""
         stack = set(self.stack)
         for _, batch in self.dots:
@@ -225,24 +228,29 @@ def _reshaped(v: _View, old: tuple[int, ...], new: tuple[int, ...]) -> _View | N
     return _View(v.kernel, tuple(axes)) if len(axes) == len(new) else None
 
 
-def layouts_from_jaxpr(jaxpr: Jaxpr, kernels: Mapping[int, tuple[str, tuple[int, ...]]]
+def layouts_from_jaxpr(jaxpr: Jaxpr, kernels: Mapping[int, tuple[str, tuple[int, ...]]],
+                       current: Mapping[int, str] | None = None
                        ) -> dict[int, tuple[str | None, str]]:
     """Layouts of the kernels fed to ``jaxpr``'s inputs (internal).
 
     Args:
         jaxpr: the traced computation.
         kernels: ``{input position: (path, shape)}`` for the inputs to follow.
+        current: ``{input position: layout}`` to keep wherever it serves every use.
 
     Returns:
-        ``{input position: (layout or None, reason when None)}`` for each kernel that is used;
-        the name-based default layout (:func:`lorax.wrap.default_layout`) when it fits.
+        ``{input position: (layout or None, reason when None)}`` for each kernel that is used:
+        its ``current`` layout if that fits, else the name-based default
+        (:func:`lorax.wrap.default_layout`) if that fits, else what the uses say.
     """
     uses = {pos: _Uses(len(shape)) for pos, (_, shape) in kernels.items()}
     invals = [None] * len(jaxpr.invars)
     for pos, (_, shape) in kernels.items():
         invals[pos] = _View(pos, tuple(frozenset({j}) for j in range(len(shape))))
     _Walker(uses).run(jaxpr, invals)
-    return {pos: u.layout(default_layout(*kernels[pos])) for pos, u in uses.items() if u.used()}
+    current = current or {}
+    return {pos: (current[pos], "") if pos in current and u.fits(current[pos])
+            else u.layout(default_layout(*kernels[pos])) for pos, u in uses.items() if u.used()}
 
 
 def trace(fn: Callable[..., Any], args: tuple, kwargs: dict, is_leaf, proxy):

@@ -117,7 +117,8 @@ def _layout_mismatch(err: LayoutError, jaxpr, invals) -> ValueError:
     """The error for a kernel used along other axes than its factors: with the spec that fits
     every LoRA kernel's use in the whole function, inferred from its jaxpr."""
     nodes = {pos: v.node for pos, v in enumerate(invals) if isinstance(v, LoRAValue)}
-    found = infer.layouts_from_jaxpr(jaxpr, {pos: (n.path, n.shape) for pos, n in nodes.items()})
+    found = infer.layouts_from_jaxpr(jaxpr, {pos: (n.path, n.shape) for pos, n in nodes.items()},
+                                     {pos: n.roles for pos, n in nodes.items()})
     node = err.node
     message = (f"the LoRA kernel at {node.path!r} (shape {list(node.shape)}, layout "
                f"{node.roles!r}) does not fit its use: {err.detail}.")

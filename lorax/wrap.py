@@ -47,6 +47,7 @@ _NAMED_LAYOUTS = (
     (re.compile(r"(^|/)q_einsum(/w)?$"), "oio"),
     (re.compile(r"(^|/)(kv|qkv)_einsum(/w)?$"), "soio"),
     (re.compile(r"(^|/)attn_vec_einsum(/w)?$"), "iio"),
+    (re.compile(r"(^|/)linear(/w)?$"), "io"),  # the MLP's output projection (F, D)
 )
 # Gemma's gated MLP: (2, F, D) (new) or (2, D, F) (old, used as `x @ w[0]`); the model width D
 # is the smaller one.
