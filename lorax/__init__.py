@@ -14,7 +14,7 @@ Wrap a parameter tree, transform the function that consumes it, train the factor
 True
 """
 
-from lorax import adapters, analysis, dora, peft, pissa
+from lorax import adapters, analysis, dora, layouts, peft, pissa
 from lorax.adapters import add_adapter, combine_adapters, drop_adapter, get_adapter, select
 from lorax.checkpoint import CheckpointManager, CheckpointMismatchError, restore, save
 from lorax.infer import infer_axes
@@ -51,6 +51,7 @@ __all__ = [
     "get_adapter",
     "infer_axes",
     "is_lora",
+    "layouts",
     "lora",
     "merge",
     "optimizer",

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
+from lorax.layouts import default_layout
 from lorax.node import is_array_like, is_node, unbox
 from lorax.paths import path_str
-from lorax.wrap import default_layout
 
 # Primitives that keep every axis where it is.
 _SAME_AXES = frozenset({
@@ -241,7 +241,7 @@ def layouts_from_jaxpr(jaxpr: Jaxpr, kernels: Mapping[int, tuple[str, tuple[int,
     Returns:
         ``{input position: (layout or None, reason when None)}`` for each kernel that is used:
         its ``current`` layout if that fits, else the name-based default
-        (:func:`lorax.wrap.default_layout`) if that fits, else what the uses say.
+        (:func:`lorax.layouts.default_layout`) if that fits, else what the uses say.
     """
     uses = {pos: _Uses(len(shape)) for pos, (_, shape) in kernels.items()}
     invals = [None] * len(jaxpr.invars)

@@ -23,7 +23,8 @@ from jax.extend.core import DropVar, Literal
 from jax.extend.core import primitives as prims
 
 from lorax import infer, routing
-from lorax.node import LoRA, MultiLoRA, canonical_layout, is_lora, is_node, unbox
+from lorax.layouts import canonical_layout
+from lorax.node import LoRA, MultiLoRA, is_lora, is_node, unbox
 from lorax.quantize import is_quantized
 from lorax.rules import NAMED_RULES, RULES, LayoutError, LoRAValue, without_stack_axes
 

@@ -19,31 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax import dora
+from lorax.layouts import canonical_layout, layout_order
 
 T = TypeVar("T")
-
-
-LAYOUT_LETTERS = {"s": "stack", "i": "input", "o": "output"}
-
-
-def canonical_layout(ndim: int, n_stack: int, n_in: int) -> str:
-    """The layout string of a kernel whose axes are ``(*stack, *in, *out)`` in that order.
-
-    Example:
-        >>> canonical_layout(3, 1, 1)
-        'sio'
-    """
-    return "s" * n_stack + "i" * n_in + "o" * (ndim - n_stack - n_in)
-
-
-def layout_order(layout: str) -> tuple[int, ...]:
-    """A kernel's axes in canonical ``(*stack, *in, *out)`` order, given its layout string.
-
-    Example:
-        >>> layout_order("oio")  # Gemma's q_einsum (heads, d_model, head_dim)
-        (1, 0, 2)
-    """
-    return tuple(j for letter in "sio" for j, c in enumerate(layout) if c == letter)
 
 
 class KernelAxes:

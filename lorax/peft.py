@@ -77,16 +77,15 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from lorax.node import (
-    FullyTrained,
-    LoRA,
+from lorax.layouts import (
     canonical_layout,
-    is_array_like,
-    is_node,
+    check_layout,
+    default_in_axes,
+    default_layout,
     layout_order,
 )
+from lorax.node import FullyTrained, LoRA, is_array_like, is_node
 from lorax.paths import path_str
-from lorax.wrap import check_layout, default_in_axes, default_layout
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 """The tensor file PEFT reads and writes (``safe_serialization=True``, its default)."""
@@ -136,11 +135,11 @@ class TorchParam:
         param: the module's parameter holding this leaf (``"weight"``, ``"bias"``); a LoRA
             kernel must be ``"weight"``.
         n_in: how many leading (non-stacked) axes of the kernel are inputs; default
-            :func:`lorax.wrap.default_in_axes` (what :func:`lorax.wrap` uses).
+            :func:`lorax.layouts.default_in_axes` (what :func:`lorax.wrap` uses).
         layout: the kernel's layout string (``s``/``i``/``o`` per axis, see
             :class:`lorax.node.KernelAxes`) when its axes are in another order, e.g. ``"oio"``
             for Gemma's ``q_einsum`` ``(N, D, H)`` (PEFT's ``q_proj`` is ``(N*H, D)``); it
-            overrides ``n_in``. Default: :func:`lorax.wrap.default_layout`, as ``wrap``.
+            overrides ``n_in``. Default: :func:`lorax.layouts.default_layout`, as ``wrap``.
         embedding: whether the module is an ``nn.Embedding`` (PEFT names its factors
             ``lora_embedding_A``/``_B``); default: the leaf is named ``embedding``.
         to_torch: converts the Flax array to the PyTorch layout, for leaves trained in full;
@@ -712,7 +711,7 @@ def load(
     Flax kernel in ``params`` (the caller's array, not a copy), with PEFT's rank and scale for
     that module (``rank_pattern``/``alpha_pattern`` applied as PEFT does; ``scale = alpha / r``
     or ``alpha / sqrt(r)`` with ``use_rslora``), ``n_in`` from the name map (default
-    :func:`lorax.wrap.default_in_axes`, as :func:`lorax.wrap`) and PEFT's ``lora_dropout``.
+    :func:`lorax.layouts.default_in_axes`, as :func:`lorax.wrap`) and PEFT's ``lora_dropout``.
     Each other tensor (a ``modules_to_save`` parameter) replaces its leaf as a
     :class:`lorax.FullyTrained` box (in the leaf's dtype).
 

@@ -38,7 +38,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lorax.node import FullyTrained, LoRA, MultiLoRA, is_array_like, is_node, layout_order
+from lorax.layouts import layout_order
+from lorax.node import FullyTrained, LoRA, MultiLoRA, is_array_like, is_node
 from lorax.paths import path_str
 
 # Flax logical-axis rules: ((logical_name, mesh_axes_or_None), ...).
