@@ -55,13 +55,18 @@ _NAMED_LAYOUTS = (
 # Gemma's gated MLP: (2, F, D) (new) or (2, D, F) (old, used as `x @ w[0]`); the model width D
 # is the smaller one.
 _GATING = re.compile(r"(^|/)gating_einsum(/w)?$")
+# A module named `layers` followed by a name, not an index, is a scanned stack of layers
+# (`nn.scan(..., name="layers")`, NNX and MaxText's scanned decoders); a list of layers is
+# `layers_0` (Linen) or `layers/0` (NNX).
+_SCANNED = re.compile(r"(^|/)layers/(?!\d+(/|$))")
 # nn.ConvLocal: (*out_spatial, in_features * window, features), one kernel per position.
 _CONV_LOCAL = re.compile(r"(^|/)ConvLocal(_\d+)?/kernel$")
 
 
 def default_layout(path: str, shape: tuple[int, ...]) -> str:
     """The layout ``wrap`` gives a kernel when neither ``axes`` nor ``in_axes``/``stacked``
-    name it: from Flax's and Gemma's module names, else all axes but the last are inputs.
+    name it: from Flax's and Gemma's module names, else all axes but the last are inputs;
+    under a scanned ``layers`` module the leading axis is a stack.
 
     Example:
         >>> default_layout("layer_0/attn/q_einsum/w", (8, 64, 16))
@@ -70,6 +75,8 @@ def default_layout(path: str, shape: tuple[int, ...]) -> str:
         'ssoio'
         >>> default_layout("mlp/gating_einsum", (2, 256, 64)), default_layout("kernel", (4, 8))
         ('soi', 'io')
+        >>> default_layout("layers/mlp/kernel", (4, 64, 256))  # nn.scan(..., name="layers")
+        'sio'
     """
     ndim = len(shape)
     for pattern, layout in _NAMED_LAYOUTS:
@@ -79,8 +86,9 @@ def default_layout(path: str, shape: tuple[int, ...]) -> str:
         return "s" * (ndim - 2) + ("io" if shape[-2] <= shape[-1] else "oi")
     if _CONV_LOCAL.search(path) and ndim >= 3:
         return "s" * (ndim - 2) + "io"
-    n_in = default_in_axes(path, ndim)
-    return canonical_layout(ndim, 0, n_in)
+    n_stack = 1 if _SCANNED.search(path) and ndim >= 3 else 0
+    n_in = default_in_axes(path, ndim - n_stack)
+    return canonical_layout(ndim, n_stack, n_in)
 
 
 def check_layout(layout: Any, shape: tuple[int, ...], path: str) -> str:

@@ -375,36 +375,39 @@ class ScanBody(nn.Module):
 
 class ScanStack(nn.Module):
     dims: Dims
+    stack_name: str = "layers"
 
     @nn.compact
     def __call__(self, x):
         stack = nn.scan(ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
                         length=self.dims.L)
-        return stack(self.dims, name="layers")(x, None)[0]
+        return stack(self.dims, name=self.stack_name)(x, None)[0]
 
 
-def scan_kernels(d: Dims) -> dict[str, Kernel]:
+def scan_kernels(d: Dims, stack: str = "layers") -> dict[str, Kernel]:
     return {
-        "layers/mlp/kernel": Kernel("sio", (d.L, d.D, d.D), "LDr,LrE->LDE",
-                                    "BTD,Dr->BTr", "BTr,rE->BTE"),
-        "layers/q_einsum/w": Kernel("soio", (d.L, d.N, d.D, d.H), "LDr,LrNH->LNDH",
-                                    "BTD,Dr->BTr", "BTr,rNH->BTNH"),
-        "layers/attn_vec_einsum/w": Kernel("siio", (d.L, d.N, d.H, d.D), "LNHr,LrD->LNHD",
-                                           "BTNH,NHr->BTr", "BTr,rD->BTD"),
+        f"{stack}/mlp/kernel": Kernel("sio", (d.L, d.D, d.D), "LDr,LrE->LDE",
+                                      "BTD,Dr->BTr", "BTr,rE->BTE"),
+        f"{stack}/q_einsum/w": Kernel("soio", (d.L, d.N, d.D, d.H), "LDr,LrNH->LNDH",
+                                      "BTD,Dr->BTr", "BTr,rNH->BTNH"),
+        f"{stack}/attn_vec_einsum/w": Kernel("siio", (d.L, d.N, d.H, d.D), "LNHr,LrD->LNHD",
+                                             "BTNH,NHr->BTr", "BTr,rD->BTD"),
     }
 
 
-def scan_model(d: Dims = SMALL) -> Model:
-    module = ScanStack(d)
+def scan_model(d: Dims = SMALL, stack: str = "layers") -> Model:
+    """A scanned stack named ``stack``: ``layers`` (Flax's convention, which lorax's defaults
+    read as a stack) or another name (which needs ``stacked=``/``axes=``)."""
+    module = ScanStack(d, stack)
     x = _x(d)
     abstract = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
-    kernels = scan_kernels(d)
+    kernels = scan_kernels(d, stack)
 
     def apply(p, x):
         return module.apply({"params": p}, x)
 
     def hand(params, factors, scale, x):
-        layers = params["layers"]
+        layers = params[stack]
         xs = (layers["mlp"]["kernel"], layers["q_einsum"]["w"], layers["attn_vec_einsum"]["w"],
               *(factors[p] for p in kernels))
         ks = list(kernels.values())
@@ -421,7 +424,8 @@ def scan_model(d: Dims = SMALL) -> Model:
 
         return lax.scan(body, x, xs)[0]
 
-    return Model("linen_scan", apply, abstract, x, kernels, hand)
+    return Model("linen_scan" if stack == "layers" else f"linen_scan_{stack}", apply, abstract,
+                 x, kernels, hand)
 
 
 # Locally connected convolution: kernel (out_h, out_w, kh*kw*C, features).
@@ -517,6 +521,7 @@ BUILDERS: dict[str, Callable[[Dims], Model]] = {
     **{f"linen_{n}": (lambda d, n=n: linen_block(n, d)) for n in BLOCKS},
     **{f"nnx_{n}": (lambda d, n=n: nnx_block(n, d)) for n in BLOCKS},
     "linen_scan": scan_model,
+    "linen_scan_blocks": lambda d: scan_model(d, "blocks"),
     "linen_conv_local": conv_local_model,
     "raw_dict": raw_model,
 }

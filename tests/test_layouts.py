@@ -45,12 +45,13 @@ import lorax
 RANK = 2
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
 # Models whose every kernel lorax.wrap's zero-config defaults must get right.
-DEFAULT_OK = [n for n in BUILDERS if n not in ("linen_scan", "raw_dict")]
+# A scan named `layers` (Flax's convention) is read as a stack; `blocks` is not.
+DEFAULT_OK = [n for n in BUILDERS if n not in ("linen_scan_blocks", "raw_dict")]
 # The raw dict has no Flax names: its kernels are named explicitly.
 RAW_TARGETS = ["^embed/table$", "^wq$", "^wo$", "^up$", "^down_t$"]
 # (model, how its layouts are chosen).
 MODES = [(n, "default") for n in DEFAULT_OK] + [
-    ("linen_scan", "suggested"), ("raw_dict", "suggested"),
+    ("linen_scan_blocks", "suggested"), ("raw_dict", "suggested"),
 ] + [(n, "infer") for n in BUILDERS]
 
 
@@ -531,25 +532,26 @@ def test_factor_gradients_match_dense_reference(name, mode):
 
 
 def test_scan_default_names_the_fix():
-    m = model("linen_scan")
-    lp = wrap_filled("linen_scan", "default")
+    m = model("linen_scan_blocks")
+    lp = wrap_filled("linen_scan_blocks", "default")
     with pytest.raises(ValueError) as err:
         lorax.lora(m.apply)(lp, m.x)
     msg = str(err.value)
-    assert "layers/mlp/kernel" in msg, msg
+    assert "blocks/mlp/kernel" in msg, msg
     specs = suggested_specs(msg)
-    assert specs.get("stacked") == {"^layers/mlp/kernel$": 1} or \
-        specs.get("axes") == {"^layers/mlp/kernel$": "sio"}, msg
+    assert specs.get("stacked") == {"^blocks/mlp/kernel$": 1} or \
+        specs.get("axes") == {"^blocks/mlp/kernel$": "sio"}, msg
 
 
 @pytest.mark.parametrize("prefer", ["axes", "stacked"])
 def test_scan_suggestions_applied_literally_work(prefer):
     # (The numerics of the suggested spec: the linen_scan-suggested cases above.)
-    m, p = model("linen_scan"), model("linen_scan").abstract
+    m, p = model("linen_scan_blocks"), model("linen_scan_blocks").abstract
     kw, messages = follow_suggestions(m, p, {}, prefer=prefer)
     assert messages, "the default should not fit the scanned Dense kernel"
     nodes = lora_nodes(lorax.wrap(p, rank=RANK, **kw))
-    assert {n.path: layout_of(n) for n in nodes} == expected_layouts("linen_scan", "infer")
+    assert {n.path: layout_of(n) for n in nodes} == expected_layouts("linen_scan_blocks",
+                                                                     "infer")
 
 
 @pytest.mark.parametrize("name, wrong", [
