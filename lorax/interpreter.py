@@ -120,9 +120,8 @@ def _enter(node: LoRA, lora_key, position: int, routed: bool = False) -> LoRAVal
     key = None
     if lora_key is not None and node.dropout > 0:
         key = jax.random.fold_in(lora_key, position)
-    # A quantized w is dequantized here, inside the traced computation (QLoRA's on-the-fly
-    # dequantization): the stored tree keeps only codes and scales.
-    frozen = dataclasses.replace(node, w=lax.stop_gradient(node.float_w()))
+    # A quantized w stays quantized: its consumer dequantizes it on use (lorax.qmatmul).
+    frozen = dataclasses.replace(node, w=lax.stop_gradient(node.w))
     return LoRAValue(frozen, key, tuple(range(len(node.shape))), routed)
 
 

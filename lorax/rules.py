@@ -24,6 +24,7 @@ from jax.extend.core import primitives as prims
 
 from lorax import dora, routing
 from lorax.node import LoRA
+from lorax.qmatmul import frozen_product
 
 
 class LoRAFallbackWarning(UserWarning):
@@ -57,8 +58,8 @@ class LoRAValue:
         return LoRAValue(node, self.key, self.perm if perm is None else perm, self.routed)
 
     def base(self) -> jax.Array:
-        """The frozen kernel in the program's layout."""
-        return _transpose(self.node.w, self.perm)
+        """The frozen kernel in the program's layout (dequantized when quantized)."""
+        return _transpose(self.node.float_w(), self.perm)
 
     def materialize(self, primitive: str) -> jax.Array:
         """``w + s * a @ b`` in the program's layout, with a warning: full-size cost."""
@@ -113,7 +114,7 @@ def _dora_scale(node: LoRA, ndim: int, positions: dict[int, int], dtype: Any) ->
     ``positions`` maps each canonical stack/output axis of the node to an axis of the target.
     The norm is gradient-stopped (the paper's section 4.3); ``m`` gets its gradient here.
     """
-    norm = dora.adapted_norm(node.w, node.a, node.b, node.scale, node.n_stack, node.n_in)
+    norm = dora.adapted_norm(node.float_w(), node.a, node.b, node.scale, node.n_stack, node.n_in)
     f = dora.factor(node.magnitude, lax.stop_gradient(norm))
     stack, _, outs = _axis_groups(node)
     canonical = [*stack, *outs]  # f's axes
@@ -215,8 +216,7 @@ def dot_general_rule(invals, params):
     low = _lowrank_dot(v, x, list(xc), list(xb), list(wc), list(wb), side, params)
     if low is None:
         return None
-    operands = (x, v.base()) if side == 1 else (v.base(), x)
-    y = prims.dot_general_p.bind(*operands, **params)
+    y = frozen_product(prims.dot_general_p, x, node.w, v.perm, params, side)
     y = y + low.astype(y.dtype)
     if dora_out:
         # y = (*batch, *x_free, *w_free) for rhs kernels, (*batch, *w_free, *x_free) for lhs.
@@ -246,7 +246,7 @@ def conv_rule(invals, params):
             contracted = [v.perm[d] for d in range(v.ndim) if d != out_feature]
             raise _split_error(v, "conv_general_dilated", contracted)
         return None
-    y = prims.conv_general_dilated_p.bind(lhs, v.base(), **params)
+    y = frozen_product(prims.conv_general_dilated_p, lhs, node.w, v.perm, params)
     x = _dropout(lhs, v.key, node.dropout)
     a_kernel = _transpose(node.a.astype(x.dtype), v.perm)  # same layout, out features -> r
     t = prims.conv_general_dilated_p.bind(x, a_kernel, **{**params, "preferred_element_type": None})
@@ -322,7 +322,7 @@ def reshape_rule(invals, params):
             ins, outs = new[s:k], new[k:]
             node = dataclasses.replace(
                 node,
-                w=jnp.reshape(node.w, new),
+                w=node.w.reshape(new),
                 a=jnp.reshape(node.a, (*new[:s], *ins, node.rank)),
                 b=jnp.reshape(node.b, (*new[:s], node.rank, *outs)),
                 magnitude=None if node.magnitude is None
@@ -359,7 +359,8 @@ def per_array_rule(primitive):
         def apply(x):
             return None if x is None else primitive.bind(x, **params)
 
-        return v.with_node(dataclasses.replace(n, w=apply(n.w), a=apply(n.a), b=apply(n.b),
+        w = jax.tree.map(apply, n.w)  # a quantized w: its codes and scales
+        return v.with_node(dataclasses.replace(n, w=w, a=apply(n.a), b=apply(n.b),
                                                magnitude=apply(n.magnitude)))
 
     return rule
