@@ -152,17 +152,17 @@ def memory_rows(config: gpt.GPTConfig = MEMORY_GPT,
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else bench.fmt_bytes(n)
 
 
 def render(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The memory table (markdown lines) and the goal ratios of each batch size.
 
     Example:
-        >>> row = {"batch": 1, "program": "lora_f32", "argument_bytes": 2**20, "temp_bytes": 0,
-        ...        "output_bytes": 0, "peak_bytes": 2**20, "peak_over_lora_f32": 1.0}
+        >>> row = {"batch": 1, "program": "lora_f32", "argument_bytes": 2**24, "temp_bytes": 0,
+        ...        "output_bytes": 1536, "peak_bytes": 2**24 + 1536, "peak_over_lora_f32": 1.0}
         >>> render([row])[2]
-        '| 1 | lora_f32 | 1 MiB | 0 MiB | 0 MiB | 1 MiB | 1.000 |'
+        '| 1 | lora_f32 | 16 MiB | 0 B | 1.5 KiB | 16 MiB | 1.000 |'
     """
     lines = ["| batch | program | argument | temp | output | peak | peak / lora_f32 |",
              "|---|---|---|---|---|---|---|"]
