@@ -131,24 +131,49 @@ def _rel(got, want) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_step_equals_the_step_on_the_dequantized_base(kind):
-    workload = bench.gpt_workload(TINY, batch_size=2)
-    q = _perturbed(lorax.quantize(lorax.wrap(workload.params, rank=4), kind))
-    plain = jax.tree.map(lambda n: dataclasses.replace(n, w=n.w.dequantize())
-                         if lorax.is_lora(n) else n, q, is_leaf=lorax.is_lora)
-    loss = lorax.lora(workload.loss)
+def _dequantized(tree):
+    def go(n):
+        if isinstance(n, (lorax.LoRA, lorax.MultiLoRA)):
+            return dataclasses.replace(n, w=n.w.dequantize())
+        return n
+
+    return jax.tree.map(go, tree, is_leaf=lambda n: isinstance(n, (lorax.LoRA, lorax.MultiLoRA)))
+
+
+def _assert_same_step(loss, q, **kwargs):
+    """``value_and_grad`` of ``loss`` over the trainable half: on ``q`` and on ``q`` with its
+    kernels dequantized to float32. Both programs multiply the same float32 kernels; only XLA's
+    summation order may differ, so the errors are a few float32 roundings of unit-scale
+    values (normwise, so near-zero entries do not dominate)."""
 
     @jax.jit
     def step(lp):
         train, frozen = lorax.split(lp)
-        return jax.value_and_grad(lambda t: loss(lorax.combine(t, frozen), workload.batch))(
-            train)
+        return jax.value_and_grad(lambda t: loss(lorax.combine(t, frozen), **kwargs))(train)
 
-    (got_loss, got), (want_loss, want) = step(q), step(plain)
-    # Both programs multiply the same float32 kernels; only XLA's summation order may differ,
-    # so the errors are a few float32 roundings of the (unit-scale) values.
+    (got_loss, got), (want_loss, want) = step(q), step(_dequantized(q))
     assert abs(float(got_loss) - float(want_loss)) <= 64 * EPS * abs(float(want_loss))
-    for g, w in zip(lora_nodes(got), lora_nodes(want), strict=True):
-        assert g.w is None
-        assert _rel(g.a, w.a) <= 256 * EPS and _rel(g.b, w.b) <= 256 * EPS
+    pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+    assert pairs and all(_rel(g, w) <= 256 * EPS for g, w in pairs)
+
+
+@pytest.mark.parametrize(("kind", "dora"), [("nf4", False), ("int8", False), ("nf4", True)])
+def test_step_equals_the_step_on_the_dequantized_base(kind, dora):
+    workload = bench.gpt_workload(TINY, batch_size=2)
+    q = _perturbed(lorax.quantize(lorax.wrap(workload.params, rank=4, dora=dora), kind))
+    assert all(n.w.codes.dtype != jnp.float32 for n in lora_nodes(q))
+    _assert_same_step(lorax.lora(lambda p: workload.loss(p, workload.batch)), q)
+
+
+def test_routed_step_equals_the_step_on_the_dequantized_base():
+    rng = np.random.default_rng(5)
+    params = {name: {"kernel": jnp.asarray(0.1 * rng.standard_normal(shape), jnp.float32)}
+              for name, shape in (("l1", (32, 24)), ("l2", (24, 16)))}
+    mp = lorax.add_adapter(lorax.add_adapter(params, "x", rank=2), "y", rank=3)
+    mp = jax.tree.map(lambda leaf: jnp.asarray(0.1 * rng.standard_normal(leaf.shape),
+                                               leaf.dtype), mp)  # nonzero b
+    q = lorax.quantize(mp, "nf4", 32)
+    x = jnp.asarray(rng.standard_normal((4, 32)), jnp.float32)
+    ids = jnp.array([0, 1, -1, 1])
+    fn = lorax.lora(lambda p: jnp.sum((jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]) ** 2))
+    _assert_same_step(lambda p: fn(p, adapter_ids=ids), q)
