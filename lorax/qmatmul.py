@@ -7,9 +7,10 @@ half of ``x·(W + s·a·b)``. For a float ``W`` it is the primitive itself. For 
 and whose backward dequantizes it again for the input gradient ``dy·Wᵀ``. The residuals are
 the codes and scales themselves (already held as arguments), never the float kernel, so a step
 holds one layer's float ``W`` at a time, also inside ``scan`` (the codes are sliced per layer
-and dequantized in the body). An ``optimization_barrier`` ties the backward's dequantization
-to the incoming cotangent, so XLA can neither merge it with the forward's (which would keep
-the float kernel alive between the passes) nor schedule it early.
+and dequantized in the body). Each dequantization takes a data dependence on its consumer's
+operand (``x`` in the forward, ``dy`` in the backward), so XLA can neither run them all up
+front nor merge the backward's with the forward's (either would keep the float kernel alive
+between the passes).
 
 ``W`` gets no gradient (it is frozen; its codes are integers). Reverse mode only: a
 ``jax.jvp`` through a quantized kernel raises JAX's ``custom_vjp`` error.
@@ -33,6 +34,7 @@ def _view(w: Any, perm: tuple[int, ...]) -> jax.Array:
     return w if perm == tuple(range(len(perm))) else lax.transpose(w, perm)
 
 
+@jax.custom_batching.custom_vmap
 def _after(codes: jax.Array, x: jax.Array) -> jax.Array:
     """``codes`` unchanged, but computed from one element of ``x``.
 
@@ -41,11 +43,20 @@ def _after(codes: jax.Array, x: jax.Array) -> jax.Array:
     the float kernel alive between the passes; CPU XLA drops ``optimization_barrier``s before
     common-subexpression elimination). The added term is zero for every bit pattern of ``x``
     (no bit pattern has more set bits than its width), but XLA's simplifier cannot prove it.
+    Under ``vmap`` the element is taken from the whole batch, so unbatched codes stay unbatched
+    (one dequantized kernel, not one per example).
     """
     first = lax.slice(x, (0,) * x.ndim, (1,) * x.ndim).reshape(())
     width = 8 * first.dtype.itemsize
     bits = lax.bitcast_convert_type(first, jnp.dtype(f"uint{width}"))
     return codes + (lax.population_count(bits) > width).astype(codes.dtype)
+
+
+@_after.def_vmap
+def _after_batched(axis_size: int, in_batched: list[bool], codes: jax.Array, x: jax.Array):
+    del axis_size
+    codes_batched, _ = in_batched
+    return _after(codes, x), codes_batched
 
 
 def frozen_product(primitive: Any, x: jax.Array, w: Any, perm: tuple[int, ...],

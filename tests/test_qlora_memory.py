@@ -177,3 +177,29 @@ def test_routed_step_equals_the_step_on_the_dequantized_base():
     ids = jnp.array([0, 1, -1, 1])
     fn = lorax.lora(lambda p: jnp.sum((jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]) ** 2))
     _assert_same_step(lambda p: fn(p, adapter_ids=ids), q)
+
+
+def test_per_example_gradients_share_one_dequantized_kernel():
+    # vmap over examples: the kernel is dequantized once per use, not once per example.
+    rng = np.random.default_rng(6)
+    d, layers, n = 256, 3, 8
+    params = {f"l{i}": {"kernel": jnp.asarray(0.05 * rng.standard_normal((d, d)), jnp.float32)}
+              for i in range(layers)}
+    q = _perturbed(lorax.quantize(lorax.wrap(params, rank=4), "nf4"))
+    train, frozen = lorax.split(q)
+
+    def f(p, x):
+        for i in range(layers):
+            x = jnp.tanh(x @ p[f"l{i}"]["kernel"])
+        return jnp.sum(x)
+
+    grad = jax.grad(lambda t, x: lorax.lora(f)(lorax.combine(t, frozen), x))
+    x = jnp.asarray(rng.standard_normal((n, 2, d)), jnp.float32)
+    per_example = jax.vmap(grad, in_axes=(None, 0))
+    temp = bench.compile_step(per_example, train, x, fast=True)[1].temp_bytes
+    assert temp <= 1.5 * 4 * d * d  # n = 8 kernels would be 8x
+    got = per_example(train, x)
+    for i in (0, n - 1):
+        want = grad(train, x[i])
+        assert all(_rel(g[i], w) <= 256 * EPS
+                   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
