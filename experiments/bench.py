@@ -35,6 +35,11 @@ each model (a GPT-style decoder, :mod:`experiments.gpt`, and the pretrained Mini
    Llama-2-7B- and 70B-shaped bf16 trees (``q,k,v,o`` and all linear layers at r = 8): trainable
    parameters, adapter and Adam-state bytes, and the wall time of the abstract wrap.
 5. **Rank scaling**: LoRA-step FLOPs of the GPT for r = 1, 2, 4, ..., 256 against the frozen floor.
+6. **Step memory by base** (:mod:`experiments.memory`): XLA's argument, temp, output and peak
+   bytes of the gradient programs of full fine-tuning, the frozen floor and LoRA on float32,
+   bfloat16, nf4 and int8 frozen kernels, for a weight-dominated GPT
+   (:data:`experiments.memory.MEMORY_GPT`) at batch 1 and 16 (``--quick``: the tiny GPT at
+   batch 1 and 2).
 
 ``--quick`` shrinks everything for a smoke run: a tiny GPT (and, when asked for with
 ``--models``, a tiny random-init MiniLM-shaped encoder), 3 timed rounds, no RSS subprocesses,
@@ -43,8 +48,8 @@ unchanged).
 
 Outputs: the markdown report on stdout (``--json``: the JSON instead), and in ``--out DIR``:
 ``bench.md``, ``bench.json`` (a list with one object per model and rank) and
-``bench_scale.json`` (scale planning and rank scaling). Machine information is recorded in all
-three.
+``bench_scale.json`` (scale planning, rank scaling and the step-memory table). Machine
+information is recorded in all three.
 """
 
 from __future__ import annotations
@@ -1122,6 +1127,11 @@ def render_markdown(
         if costly:
             lines += ["", f"The low-rank term costs more than 5% over the frozen floor from "
                       f"r = {costly[0]}."]
+    if scale.get("memory"):
+        from experiments import memory
+
+        lines += ["", "## Step memory by frozen base (XLA memory_analysis)", ""]
+        lines += memory.render(scale["memory"])
     lines += [f"- {note}" for note in scale.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -1226,7 +1236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     stages = (len(workloads) * (2 + 2 * rss + len(ranks) * (3 + rss))
               + sum(len(set(rs) - set(ranks)) for rs in sweeps.values())
-              + len(LLAMA_SHAPES) * len(TARGET_SETS))
+              + len(LLAMA_SHAPES) * len(TARGET_SETS) + 1)
     results, sweep, planning = [], [], []
     with tqdm(total=stages, file=sys.stderr, desc="bench", disable=None, leave=False) as bar:
         def progress(label: str) -> None:
@@ -1244,11 +1254,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for targets in TARGET_SETS:
                 progress(f"scale {name} {targets}")
                 planning.append(plan_scale(name, targets))
+        progress("step memory by base")
+        from experiments import memory
+
+        memory_rows = memory.memory_rows(QUICK_GPT, (1, QUICK_BATCH)) if quick else \
+            memory.memory_rows()
 
     for row in results:
         row["machine"] = machine
     scale = {"machine": machine, "scale_planning": planning, "rank_scaling": sweep,
-             "notes": notes, "elapsed_s": time.perf_counter() - start}
+             "memory": memory_rows, "notes": notes, "elapsed_s": time.perf_counter() - start}
     report = render_markdown(results, scale, machine)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as handle:

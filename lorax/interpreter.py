@@ -158,9 +158,8 @@ def _enter(node: LoRA, lora_key, position: int, routed: bool = False) -> LoRAVal
     key = None
     if lora_key is not None and node.dropout > 0:
         key = jax.random.fold_in(lora_key, position)
-    # A quantized w is dequantized here, inside the traced computation (QLoRA's on-the-fly
-    # dequantization): the stored tree keeps only codes and scales.
-    frozen = dataclasses.replace(node, w=lax.stop_gradient(node.float_w()))
+    # A quantized w stays quantized: its consumer dequantizes it on use (lorax.qmatmul).
+    frozen = dataclasses.replace(node, w=lax.stop_gradient(node.w))
     # The program sees w in its own layout: axis j of w is canonical axis order.index(j).
     order = node.canonical_order
     return LoRAValue(frozen, key, tuple(order.index(j) for j in range(len(order))), routed)
@@ -273,10 +272,11 @@ def _scan(params, invals):
 def _stack_leading(node: LoRA, c: int) -> list[Any]:
     """The node's data leaves with canonical stack axis ``c`` moved first, for ``lax.scan``."""
     j = node.canonical_order[c]
-    if c == 0 and j == 0:  # the common case (nn.scan stacks axis 0): no copies
-        return jax.tree.leaves(node)
+    if c == 0 and j == 0:  # the common case (nn.scan stacks axis 0): no copies; a quantized w
+        return jax.tree.leaves(node)  # keeps per-layer codes
     m = node.magnitude
-    moved = dataclasses.replace(node, w=jnp.moveaxis(node.w, j, 0), a=jnp.moveaxis(node.a, c, 0),
+    moved = dataclasses.replace(node, w=jnp.moveaxis(node.float_w(), j, 0),
+                                a=jnp.moveaxis(node.a, c, 0),
                                 b=jnp.moveaxis(node.b, c, 0),
                                 magnitude=None if m is None else jnp.moveaxis(m, c, 0))
     return jax.tree.leaves(moved)

@@ -8,12 +8,17 @@ values, each block stored as small integer codes plus one float32 absmax scale:
 * ``"nf4"``: the nearest of the paper's 16 NormalFloat levels to ``x / absmax``, two 4-bit codes
   packed per byte (4.5 bits a value at block size 64: 7.1x smaller than float32, 3.6x than bf16).
 
+A stacked kernel (``n_stack`` leading layer axes) is quantized layer by layer, its codes keeping
+the layer axes, so ``scan`` slices them per layer.
+
 The factors (and a DoRA magnitude) stay in their float dtype and train as usual.
-:func:`lorax.lora` gives the traced function an ordinary array of the kernel's shape and dtype
-and dequantizes at entry, inside the computation, under ``jax.checkpoint`` so that the backward
-pass recomputes the float kernel from the codes instead of keeping it. :func:`lorax.merge`
-dequantizes. Quantization is not differentiable: take gradients of the trainable half
-(:func:`lorax.split`), not of the whole tree (its codes are integers).
+:func:`lorax.lora` gives the traced function an ordinary array of the kernel's shape and dtype,
+but inside the transform the kernel stays quantized through layout primitives (transposes,
+reshapes, casts: a cast only changes the dtype it will dequantize to) and ``scan``; its consumer
+dequantizes it on use (:mod:`lorax.qmatmul`), and the backward pass dequantizes it again
+instead of keeping the float kernel, so a train step holds about one layer's float kernel at a
+time. :func:`lorax.merge` dequantizes. Quantization is not differentiable: take gradients of
+the trainable half (:func:`lorax.split`), not of the whole tree (its codes are integers).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import dataclasses
 import math
 import numbers
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -53,12 +59,18 @@ NF4_LEVELS = _nf4_levels()
 class QuantizedArray:
     """A block-quantized array: integer ``codes``, float32 ``scales`` and static metadata.
 
+    The array's leading ``lead`` axes (a stacked kernel's layer axes) are kept as axes of
+    ``codes`` and ``scales``; each item under them (one layer) is flattened row-major and cut
+    into its own blocks. So slicing ``codes`` and ``scales`` along a leading axis (as ``scan``
+    does) slices the array, and :attr:`shape` follows.
+
     Attributes:
-        codes: int8 ``(n_blocks, block_size)`` for ``"int8"``; uint8 ``(n_blocks,
+        codes: int8 ``(*lead, n_blocks, block_size)`` for ``"int8"``; uint8 ``(*lead, n_blocks,
             block_size // 2)`` for ``"nf4"`` (two codes a byte, the first in the high nibble).
-        scales: float32 ``(n_blocks,)``, each block's absmax.
-        shape: the original shape; static.
-        dtype: the original dtype's name (what :meth:`dequantize` returns); static.
+        scales: float32 ``(*lead, n_blocks)``, each block's absmax.
+        inner_shape: the shape of one item under the leading axes; static.
+        dtype: the dtype :meth:`dequantize` returns by default; static. Casting a quantized
+            kernel (:meth:`astype`) only changes it.
         kind: ``"int8"`` or ``"nf4"``; static.
         block_size: values per block; static.
 
@@ -67,14 +79,22 @@ class QuantizedArray:
         >>> q = quantize_array(jnp.linspace(-1.0, 1.0, 128).reshape(8, 16), "int8", 64)
         >>> q.shape, q.codes.shape, q.scales.shape, q.nbytes
         ((8, 16), (2, 64), (2,), 136)
+        >>> s = quantize_array(jnp.ones((3, 8, 16)), "nf4", 64, n_lead=1)  # 3 stacked layers
+        >>> s.codes.shape, s.astype(jnp.bfloat16).dequantize().dtype
+        ((3, 2, 32), dtype(bfloat16))
     """
 
     codes: Any
     scales: Any
-    shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+    inner_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     dtype: str = dataclasses.field(metadata={"static": True})
     kind: str = dataclasses.field(metadata={"static": True})
     block_size: int = dataclasses.field(metadata={"static": True})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The array's shape: the leading axes of ``codes``, then :attr:`inner_shape`."""
+        return (*self.codes.shape[:-2], *self.inner_shape)
 
     @property
     def ndim(self) -> int:
@@ -90,17 +110,36 @@ class QuantizedArray:
         return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
                    for x in (self.codes, self.scales))
 
-    def dequantize(self) -> jax.Array:
-        """The array in its original shape and dtype (full size)."""
+    def astype(self, dtype: Any) -> QuantizedArray:
+        """The same codes, dequantizing to ``dtype`` (no computation)."""
+        return dataclasses.replace(self, dtype=jnp.dtype(dtype).name)
+
+    def reshape(self, shape: Sequence[int]) -> QuantizedArray:
+        """The same codes viewed with ``shape`` (row-major, leading axes unchanged)."""
+        shape = tuple(shape)
+        lead = self.codes.ndim - 2
+        if shape[:lead] != self.shape[:lead] or math.prod(shape) != self.size:
+            raise ValueError(f"cannot reshape a quantized array of shape {self.shape} with "
+                             f"{lead} leading axes to {shape}")
+        return dataclasses.replace(self, inner_shape=shape[lead:])
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The array in its shape and ``dtype`` (default: :attr:`dtype`), full size.
+
+        The arithmetic is float32; only the result is cast, so a bf16 dequantization never
+        holds a float32 copy outside XLA's fused loop.
+        """
+        lead = self.codes.shape[:-2]
         if self.kind == "int8":
             values = self.codes.astype(jnp.float32) / 127.0
         else:
             high = (self.codes >> 4).astype(jnp.int32)
             low = (self.codes & 0xF).astype(jnp.int32)
-            index = jnp.stack([high, low], axis=-1).reshape(self.codes.shape[0], -1)
+            index = jnp.stack([high, low], axis=-1).reshape(*self.codes.shape[:-1], -1)
             values = jnp.asarray(NF4_LEVELS)[index]
-        flat = (values * self.scales[:, None]).reshape(-1)[: self.size]
-        return flat.reshape(self.shape).astype(self.dtype)
+        flat = (values * self.scales[..., None]).reshape(*lead, -1)
+        flat = flat[..., : math.prod(self.inner_shape)]
+        return flat.reshape(self.shape).astype(self.dtype if dtype is None else dtype)
 
 
 def is_quantized(x: Any) -> bool:
@@ -108,11 +147,19 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
 
 
-def quantize_array(x: Any, kind: str = "nf4", block_size: int = 64) -> QuantizedArray:
+def quantize_array(x: Any, kind: str = "nf4", block_size: int = 64,
+                   n_lead: int = 0) -> QuantizedArray:
     """Block-quantizes one floating array (see the module docstring for the formats).
 
     A ``jax.ShapeDtypeStruct`` gives an abstract :class:`QuantizedArray` (for planning and
     cost analysis). A block of zeros gets scale 1 (its codes decode to zeros).
+
+    Args:
+        x: the array.
+        kind: ``"int8"`` or ``"nf4"``.
+        block_size: values per absmax block.
+        n_lead: leading axes quantized item by item (a stacked kernel's layer axes), so that
+            the codes can be sliced per layer.
 
     Example:
         >>> import jax.numpy as jnp
@@ -121,26 +168,28 @@ def quantize_array(x: Any, kind: str = "nf4", block_size: int = 64) -> Quantized
         [0.4407, -1.0, 0.2461, 0.0]
     """
     _check(kind, block_size)
-    n = math.prod(x.shape)
+    lead, inner = tuple(x.shape[:n_lead]), tuple(x.shape[n_lead:])
+    n = math.prod(inner)
     blocks = -(-n // block_size)
     width = block_size // 2 if kind == "nf4" else block_size
     code_dtype = jnp.uint8 if kind == "nf4" else jnp.int8
-    meta = {"shape": tuple(x.shape), "dtype": jnp.dtype(x.dtype).name, "kind": kind,
+    meta = {"inner_shape": inner, "dtype": jnp.dtype(x.dtype).name, "kind": kind,
             "block_size": block_size}
     if isinstance(x, jax.ShapeDtypeStruct):
-        return QuantizedArray(jax.ShapeDtypeStruct((blocks, width), code_dtype),
-                              jax.ShapeDtypeStruct((blocks,), jnp.float32), **meta)
-    flat = jnp.ravel(jnp.asarray(x, jnp.float32))
-    flat = jnp.pad(flat, (0, blocks * block_size - n)).reshape(blocks, block_size)
-    absmax = jnp.max(jnp.abs(flat), axis=1)
+        return QuantizedArray(jax.ShapeDtypeStruct((*lead, blocks, width), code_dtype),
+                              jax.ShapeDtypeStruct((*lead, blocks), jnp.float32), **meta)
+    flat = jnp.reshape(jnp.asarray(x, jnp.float32), (*lead, n))
+    pad = [(0, 0)] * len(lead) + [(0, blocks * block_size - n)]
+    flat = jnp.pad(flat, pad).reshape(*lead, blocks, block_size)
+    absmax = jnp.max(jnp.abs(flat), axis=-1)
     scales = jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))
-    normed = flat / scales[:, None]
+    normed = flat / scales[..., None]
     if kind == "int8":
         codes = jnp.round(normed * 127.0).astype(jnp.int8)
     else:
         levels = jnp.asarray(NF4_LEVELS)
         index = jnp.searchsorted((levels[1:] + levels[:-1]) / 2, normed).astype(jnp.uint8)
-        pairs = index.reshape(blocks, width, 2)
+        pairs = index.reshape(*lead, blocks, width, 2)
         codes = (pairs[..., 0] << 4) | pairs[..., 1]
     return QuantizedArray(codes, scales, **meta)
 
@@ -190,7 +239,9 @@ def quantize(tree: Any, kind: str = "nf4", block_size: int = 64) -> Any:
                              f"{node.path!r}")
         if not jnp.issubdtype(node.w.dtype, jnp.floating):
             raise ValueError(f"expected a floating kernel, got {node.w.dtype} at {node.path!r}")
-        return dataclasses.replace(node, w=quantize_array(node.w, kind, block_size))
+        # The stack axes that lead w (in any layout) are quantized layer by layer.
+        n_lead = len(node.roles) - len(node.roles.lstrip("s"))
+        return dataclasses.replace(node, w=quantize_array(node.w, kind, block_size, n_lead))
 
     out = jax.tree.map(go, tree, is_leaf=is_node)
     if not found:

@@ -23,8 +23,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import primitives as prims
 
 from lorax.node import LoRA, MultiLoRA, is_node
+from lorax.qmatmul import frozen_product
 
 
 def adapter_names(tree: Any) -> list[str]:
@@ -104,8 +106,7 @@ def routed_dot(v: Any, x: jax.Array, xc: list[int], xb: list[int], wc: list[int]
         raise routing_error(node, f"its input has leading axis {x.shape[0]}, but adapter_ids "
                                   f"has {batch} entries")
     precision, pref = params.get("precision"), params.get("preferred_element_type")
-    y = lax.dot_general(x, v.base(), ((xc, wc), (xb, wb)), precision=precision,
-                        preferred_element_type=pref)
+    y = frozen_product(prims.dot_general_p, x, node.w, v.w_perm, params)  # the program's x·W
     xd = dropout(x, v.key, node.dropout)
     a, b = node.a.astype(x.dtype), node.b.astype(x.dtype)
     a_axes = [c + 1 for c in cw]  # a: (*stack, B, *in, r)

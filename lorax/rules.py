@@ -23,6 +23,7 @@ from jax.extend.core import primitives as prims
 
 from lorax import dora, routing
 from lorax.node import LoRA
+from lorax.qmatmul import frozen_product
 
 
 class LoRAFallbackWarning(UserWarning):
@@ -64,8 +65,8 @@ class LoRAValue:
         return LoRAValue(node, self.key, self.perm if perm is None else perm, self.routed)
 
     def base(self) -> jax.Array:
-        """The frozen kernel in the program's layout."""
-        return _transpose(self.node.w, self.w_perm)
+        """The frozen kernel in the program's layout (dequantized when quantized)."""
+        return _transpose(self.node.float_w(), self.w_perm)
 
     def materialize(self, primitive: str) -> jax.Array:
         """``w + s * a @ b`` in the program's layout, with a warning: full-size cost."""
@@ -122,8 +123,8 @@ def _dora_scale(node: LoRA, ndim: int, positions: dict[int, int], dtype: Any) ->
     ``positions`` maps each canonical stack/output axis of the node to an axis of the target.
     The norm is gradient-stopped (the paper's section 4.3); ``m`` gets its gradient here.
     """
-    norm = dora.adapted_norm(node.to_canonical(node.w), node.a, node.b, node.scale, node.n_stack,
-                             node.n_in)
+    norm = dora.adapted_norm(node.to_canonical(node.float_w()), node.a, node.b, node.scale,
+                             node.n_stack, node.n_in)
     f = dora.factor(node.magnitude, lax.stop_gradient(norm))
     stack, _, outs = _axis_groups(node)
     canonical = [*stack, *outs]  # f's axes
@@ -226,8 +227,7 @@ def dot_general_rule(invals, params):
         positions = {**dict(zip(cw, xc, strict=True)), **dict(zip(bw, xb, strict=True))}
         x = x * _dora_scale(node, x.ndim, positions, x.dtype)
     low = _lowrank_dot(v, x, list(xc), list(xb), list(wc), list(wb), side, params)
-    operands = (x, v.base()) if side == 1 else (v.base(), x)
-    y = prims.dot_general_p.bind(*operands, **params)
+    y = frozen_product(prims.dot_general_p, x, node.w, v.w_perm, params, side)
     y = y + low.astype(y.dtype)
     if dora_out:
         # y = (*batch, *x_free, *w_free) for rhs kernels, (*batch, *w_free, *x_free) for lhs.
@@ -255,7 +255,7 @@ def conv_rule(invals, params):
     if node.n_stack or len(outs) != 1 or v.perm[out_feature] != outs[0]:
         contracted = [v.perm[d] for d in range(v.ndim) if d != out_feature]
         raise _layout_error(v, "conv_general_dilated", contracted)
-    y = prims.conv_general_dilated_p.bind(lhs, v.base(), **params)
+    y = frozen_product(prims.conv_general_dilated_p, lhs, node.w, v.w_perm, params)
     x = _dropout(lhs, v.key, node.dropout)
     a_kernel = _transpose(node.a.astype(x.dtype), v.perm)  # program layout, out features -> r
     t = prims.conv_general_dilated_p.bind(x, a_kernel, **{**params, "preferred_element_type": None})
@@ -332,7 +332,7 @@ def reshape_rule(invals, params):
             ins, outs = new[s:k], new[k:]
             node = dataclasses.replace(
                 node,
-                w=jnp.reshape(node.w, new),
+                w=node.w.reshape(new),
                 a=jnp.reshape(node.a, (*new[:s], *ins, node.rank)),
                 b=jnp.reshape(node.b, (*new[:s], node.rank, *outs)),
                 magnitude=None if node.magnitude is None
@@ -348,8 +348,9 @@ def _map_stack_axis(node: LoRA, c: int, fn) -> LoRA:
     ``canonical_order[c]`` of ``w``, axis ``c`` of ``a``, ``b`` and a DoRA magnitude."""
     w_axis = node.canonical_order[c]
     m = node.magnitude
-    return dataclasses.replace(node, w=fn(node.w, w_axis), a=fn(node.a, c), b=fn(node.b, c),
-                               magnitude=None if m is None else fn(m, c))
+    # A quantized w is dequantized first: its codes are blocked per leading layer only.
+    return dataclasses.replace(node, w=fn(node.float_w(), w_axis), a=fn(node.a, c),
+                               b=fn(node.b, c), magnitude=None if m is None else fn(m, c))
 
 
 def without_stack_axes(v: LoRAValue, dropped: list[int], node: LoRA) -> LoRAValue:
@@ -443,7 +444,8 @@ def per_array_rule(primitive):
         def apply(x):
             return None if x is None else primitive.bind(x, **params)
 
-        return v.with_node(dataclasses.replace(n, w=apply(n.w), a=apply(n.a), b=apply(n.b),
+        w = jax.tree.map(apply, n.w)  # a quantized w: its codes and scales
+        return v.with_node(dataclasses.replace(n, w=w, a=apply(n.a), b=apply(n.b),
                                                magnitude=apply(n.magnitude)))
 
     return rule

@@ -148,8 +148,14 @@ def test_quick_run_writes_both_files_with_finite_positive_numbers(tmp_path, caps
     ]
     assert [r["rank"] for r in scale["rank_scaling"]] == list(bench.QUICK_SWEEP)
     assert scale["machine"]["device_kind"] == jax.devices()[0].device_kind
-    for heading in ("## Compute", "## Memory", "## Scale planning", "## Rank scaling"):
+    for heading in ("## Compute", "## Memory", "## Scale planning", "## Rank scaling",
+                    "## Step memory by frozen base"):
         assert heading in report
+    memory = {(r["batch"], r["program"]): r for r in scale["memory"]}
+    assert sorted({batch for batch, _ in memory}) == [1, bench.QUICK_BATCH]
+    for batch in (1, bench.QUICK_BATCH):
+        assert memory[batch, "lora_f32"]["peak_over_lora_f32"] == 1.0
+        assert memory[batch, "lora_nf4"]["peak_bytes"] < memory[batch, "lora_f32"]["peak_bytes"]
     assert scale["machine"]["date"] in report
 
 
