@@ -162,7 +162,7 @@ def _vma_step(model: td.TinyLM, tx, pcast_frozen: bool):
 
     def step(train, frozen, opt_state, tokens):
         if pcast_frozen:  # the workaround: make W device-varying so no `pvary` is inserted on it
-            frozen = jax.tree.map(lambda x: jax.lax.pcast(x, "data", to="varying"), frozen)
+            frozen = jax.tree.map(lambda x: lorax.compat.pvary(x, "data"), frozen)
 
         def loss_of(t):
             return jax.lax.pmean(loss_fn(lorax.combine(t, frozen), tokens), "data")
