@@ -15,6 +15,8 @@ Differences handled here:
   is matched by name, with an ``axis_index_groups`` parameter on older JAX.
 * ``Primitive.get_bind_params`` returns ``(subfuns, params)`` on older JAX and one dict
   (subfuns inside) on newer: :func:`bind`.
+* ``pvary`` binds one operand per result on newer JAX, any number (``multiple_results``) on
+  older: :func:`bind_each`, :func:`as_results`.
 * ``lax.pcast(x, axes, to="varying")`` (newer) is ``lax.pvary(x, axes)`` on older JAX:
   :func:`pvary`.
 * Parameters that exist on one end only (``scan``'s ``linear``/``_split_transpose``, the
@@ -99,6 +101,31 @@ def bind(primitive: Any, invals: list[Any], params: Mapping[str, Any]) -> Any:
         f"lorax does not understand what `{primitive.name}.get_bind_params` returns with the "
         f"installed jax {jax.__version__}: {type(bind_params).__name__}"
     )
+
+
+def bind_each(primitive: Any, x: Any, params: Mapping[str, Any]) -> Any:
+    """Binds a primitive that maps each operand on its own (``pvary``) to the one array ``x``.
+
+    ``pvary`` is variadic (``multiple_results``) on older JAX and unary on newer; either way the
+    result is one array.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jax.extend.core import primitives as prims
+        >>> bind_each(prims.copy_p, jnp.ones(2), {}).tolist()
+        [1.0, 1.0]
+    """
+    out = primitive.bind(x, **params)
+    return out[0] if primitive.multiple_results else out
+
+
+def as_results(primitive: Any, outs: list[Any]) -> Any:
+    """``outs`` (one per operand) as the interpreter expects ``primitive``'s result: the list
+    for a ``multiple_results`` primitive, else its one element."""
+    if primitive.multiple_results:
+        return list(outs)
+    (out,) = outs
+    return out
 
 
 def pvary(x: Any, axis_name: str | tuple[str, ...]) -> Any:

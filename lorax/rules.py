@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as prims
 
-from lorax import dora, routing
+from lorax import compat, dora, routing
 from lorax.node import LoRA
 
 
@@ -353,14 +353,17 @@ def per_array_rule(primitive):
     mark a replicated W as device-varying)."""
 
     def rule(invals, params):
-        (v,) = invals
-        n = v.node
-
         def apply(x):
-            return None if x is None else primitive.bind(x, **params)
+            return None if x is None else compat.bind_each(primitive, x, params)
 
-        return v.with_node(dataclasses.replace(n, w=apply(n.w), a=apply(n.a), b=apply(n.b),
-                                               magnitude=apply(n.magnitude)))
+        def each(v):
+            if not isinstance(v, LoRAValue):
+                return apply(v)
+            n = v.node
+            return v.with_node(dataclasses.replace(n, w=apply(n.w), a=apply(n.a), b=apply(n.b),
+                                                   magnitude=apply(n.magnitude)))
+
+        return compat.as_results(primitive, [each(v) for v in invals])
 
     return rule
 

@@ -218,3 +218,24 @@ def test_lora_through_a_dropped_output():
     got = np.asarray(lorax.lora(fn)(lp, x))
     want = np.asarray(fn(dense_params(lp), x))
     np.testing.assert_allclose(got, want, rtol=0, atol=64 * EPS32 * np.abs(want).max())
+
+
+def test_lora_inside_shard_map_with_default_check_vma():
+    """shard_map (check_vma=True) inserts ``pvary`` on the replicated kernel: multiple-results
+    on jax 0.7.1, unary later; the kernel must stay factorized (no fallback warning) either way.
+    One device, so this runs in the ordinary test process."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    P = jax.sharding.PartitionSpec
+    lp = perturb_b(lorax.wrap({"kernel": jnp.ones((8, 4)) / 8}, rank=2), jax.random.key(1))
+    body = lorax.lora(lambda p, x: jnp.tanh(x @ p["kernel"]))
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 8)), jnp.float32)
+    assert "pvary" in _eqns(lambda p, x: jax.shard_map(
+        lambda p, x: x @ p["kernel"], mesh=mesh, in_specs=(P(), P("data")),
+        out_specs=P("data"))(p, x), {"kernel": W}, x)
+    got = np.asarray(fn(lp, x))
+    want = np.tanh(np.asarray(x, np.float64) @ dense_params(lp, np.float64)["kernel"])
+    np.testing.assert_allclose(got, want, rtol=0, atol=16 * EPS32 * np.abs(want).max())
+    grads = jax.grad(lambda t: fn(lorax.combine(t, lorax.split(lp)[1]), x).sum())(
+        lorax.split(lp)[0])
+    assert float(jnp.abs(lorax.split(grads)[0]["kernel"].a).sum()) > 0
