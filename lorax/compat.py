@@ -6,21 +6,21 @@ versions"). The rest of the package imports version-dependent names from here in
 a parameter layout that no tested JAX produced raises :class:`UnsupportedJaxError` naming the
 primitive and the installed JAX version, instead of computing something wrong.
 
-Differences handled here:
+Differences handled here (as seen on jax 0.7.1, 0.8.2 and 0.10.2):
 
-* ``jax.extend.core.DropVar`` (jax >= 0.8) is ``jax.core.DropVar`` on older JAX.
-* ``jax.extend.core.primitives.remat_p`` is not exported by older JAX; the primitive is then
-  read off the jaxpr of a ``jax.checkpoint``-ed function (still public API only).
-* ``pvary`` (inserted by ``shard_map``'s default ``check_vma=True``) is exported by neither; it
-  is matched by name, with an ``axis_index_groups`` parameter on older JAX.
-* ``Primitive.get_bind_params`` returns ``(subfuns, params)`` on older JAX and one dict
-  (subfuns inside) on newer: :func:`bind`.
-* ``pvary`` binds one operand per result on newer JAX, any number (``multiple_results``) on
-  older: :func:`bind_each`, :func:`as_results`.
-* ``lax.pcast(x, axes, to="varying")`` (newer) is ``lax.pvary(x, axes)`` on older JAX:
-  :func:`pvary`.
-* Parameters that exist on one end only (``scan``'s ``linear``/``_split_transpose``, the
-  ``out_sharding`` of ``conv_general_dilated``) are listed in :data:`PARAM_LAYOUTS`.
+* ``jax.extend.core.DropVar`` exists on 0.10.2 only; before, ``jax.core.DropVar``.
+* ``jax.extend.core.primitives.remat_p`` is missing on 0.7.1; the primitive is then read off
+  the jaxpr of a ``jax.checkpoint``-ed function (still public API only).
+* ``Primitive.get_bind_params`` returns ``(subfuns, params)`` on 0.7.1 and 0.8.2, one dict
+  (subfuns inside) on 0.10.2: :func:`bind`.
+* ``pvary`` (inserted by ``shard_map``'s default ``check_vma=True``; exported by none, so
+  matched by name) is variadic (``multiple_results``) with an ``axis_index_groups`` parameter
+  on 0.7.1, unary without it later: :func:`bind_each`, :func:`as_results`.
+* ``lax.pcast(x, axes, to="varying")`` is missing on 0.7.1 and ``lax.pvary`` deprecated from
+  0.8.2 on: :func:`pvary`.
+* Parameters present on part of the range (``scan``'s ``linear``/``_split_transpose`` up to
+  0.8.2, ``conv_general_dilated``'s ``out_sharding`` from 0.8.2) are listed in
+  :data:`PARAM_LAYOUTS`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class UnsupportedJaxError(RuntimeError):
 
 if hasattr(_jex, "DropVar"):
     DropVar: type = _jex.DropVar
-else:  # jax < 0.8: only in jax.core (not yet deprecated there)
+else:  # jax 0.7.1, 0.8.2: only in jax.core (not deprecated there)
     DropVar = jax.core.DropVar
 
 
@@ -92,9 +92,9 @@ def bind(primitive: Any, invals: list[Any], params: Mapping[str, Any]) -> Any:
         0.0
     """
     bind_params = primitive.get_bind_params(params)
-    if isinstance(bind_params, Mapping):  # jax >= 0.8: subfuns (if any) are a parameter
+    if isinstance(bind_params, Mapping):  # jax 0.10.2: subfuns (if any) are a parameter
         return primitive.bind(*invals, **bind_params)
-    if isinstance(bind_params, tuple) and len(bind_params) == 2:  # older: (subfuns, params)
+    if isinstance(bind_params, tuple) and len(bind_params) == 2:  # 0.7.1, 0.8.2: a pair
         subfuns, bind_params = bind_params
         return primitive.bind(*subfuns, *invals, **bind_params)
     raise UnsupportedJaxError(
@@ -106,7 +106,7 @@ def bind(primitive: Any, invals: list[Any], params: Mapping[str, Any]) -> Any:
 def bind_each(primitive: Any, x: Any, params: Mapping[str, Any]) -> Any:
     """Binds a primitive that maps each operand on its own (``pvary``) to the one array ``x``.
 
-    ``pvary`` is variadic (``multiple_results``) on older JAX and unary on newer; either way the
+    ``pvary`` is variadic (``multiple_results``) on jax 0.7.1 and unary later; either way the
     result is one array.
 
     Example:
@@ -131,7 +131,7 @@ def as_results(primitive: Any, outs: list[Any]) -> Any:
 def pvary(x: Any, axis_name: str | tuple[str, ...]) -> Any:
     """Marks ``x`` device-varying over ``axis_name`` inside ``shard_map`` (``check_vma=True``).
 
-    ``lax.pcast(x, axis_name, to="varying")`` on newer JAX, ``lax.pvary(x, axis_name)`` before.
+    ``lax.pcast(x, axis_name, to="varying")`` where it exists, else (jax 0.7.1) ``lax.pvary``.
 
     Example:
         >>> import jax, jax.numpy as jnp, numpy as np
@@ -210,7 +210,7 @@ PARAM_LAYOUTS: dict[str, Layout] = {
          "feature_group_count": _int, "batch_group_count": _int, "window_strides": None,
          "padding": None, "lhs_dilation": None, "rhs_dilation": None, "precision": None,
          "preferred_element_type": None},
-        ("out_sharding",)),  # jax >= 0.8
+        ("out_sharding",)),  # from jax 0.8.2
     "gather": Layout(
         {"dimension_numbers": _has("offset_dims", "collapsed_slice_dims", "start_index_map",
                                    "operand_batching_dims"),
@@ -221,14 +221,14 @@ PARAM_LAYOUTS: dict[str, Layout] = {
     "reshape": Layout({"new_sizes": None, "dimensions": None}, ("sharding",)),
     "copy": Layout({}),
     "stop_gradient": Layout({}),
-    "pvary": Layout({"axes": None}, ("axis_index_groups",)),  # axis_index_groups: jax < 0.8
+    "pvary": Layout({"axes": None}, ("axis_index_groups",)),  # axis_index_groups: 0.7.1
     "jit": Layout({"jaxpr": _closed}, open_ended=True),
     "closed_call": Layout({"call_jaxpr": _closed}, open_ended=True),
     "remat2": Layout({"jaxpr": _open, "prevent_cse": None, "policy": None},
                      ("differentiated",)),
     "scan": Layout({"jaxpr": _closed, "num_consts": _int, "num_carry": _int, "length": _int,
                     "reverse": None, "unroll": None},
-                   ("linear", "_split_transpose")),  # both: jax < 0.8
+                   ("linear", "_split_transpose")),  # both: up to jax 0.8.2
     "cond": Layout({"branches": _jaxprs}),
     "while": Layout({"cond_jaxpr": _closed, "body_jaxpr": _closed, "cond_nconsts": _int,
                      "body_nconsts": _int}),

@@ -197,8 +197,8 @@ def test_bind_fails_loudly_on_an_unknown_get_bind_params():
 @pytest.mark.parametrize("primitive, closed", [
     (jax.extend.core.primitives.closed_call_p, True), (jax.extend.core.primitives.call_p, False)])
 def test_bind_runs_call_primitives(primitive, closed):
-    """A call primitive's body is a subfun: ``(subfuns, params)`` before jax 0.8, a parameter
-    after; compat.bind binds it either way."""
+    """A call primitive's body is a subfun: ``(subfuns, params)`` on jax 0.7.1 and 0.8.2, a
+    parameter on 0.10.2; compat.bind binds it either way."""
     body = jax.make_jaxpr(jnp.sin)(1.0)
     (out,) = compat.bind(primitive, [jnp.float32(0.5)],
                          {"call_jaxpr": body if closed else body.jaxpr})
@@ -206,7 +206,7 @@ def test_bind_runs_call_primitives(primitive, closed):
 
 
 def test_lora_through_a_dropped_output():
-    """eigh's unused eigenvectors are a DropVar on jax 0.7.1 (an ordinary Var later)."""
+    """eigh's unused eigenvectors are a DropVar on jax 0.7.1 (an ordinary Var on 0.10.2)."""
     lp = perturb_b(lorax.wrap({"kernel": jnp.eye(4) + jnp.ones((4, 4)) / 8}, rank=2),
                    jax.random.key(0))
 

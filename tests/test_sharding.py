@@ -418,9 +418,9 @@ def _check_restore_onto_derived_shardings():
 
 
 def _explicit_grads(specs: dict[str, Any], out_sharding: P | None) -> None:
-    """On an Explicit-axes mesh (``jax.make_mesh``'s default since jax 0.8; Auto before, so it
-    is spelled out), wrap places the factors and a LoRA gradient under ``jax.sharding.set_mesh``
-    matches the unsharded one."""
+    """On an Explicit-axes mesh (``jax.make_mesh``'s default from jax 0.9; Auto before, with a
+    DeprecationWarning on 0.8, so it is spelled out), wrap places the factors and a LoRA
+    gradient under ``jax.sharding.set_mesh`` matches the unsharded one."""
     mesh = jax.make_mesh((4, 2), ("data", "model"),
                          axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     params = {"up": {"kernel": jnp.ones((16, 8)) / 16}, "down": {"kernel": jnp.ones((8, 4)) / 8}}
