@@ -19,10 +19,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend.core import DropVar, Literal
+from jax.extend.core import Literal
 from jax.extend.core import primitives as prims
 
-from lorax import infer, routing
+from lorax import compat, infer, routing
 from lorax.layouts import canonical_layout
 from lorax.node import LoRA, MultiLoRA, is_lora, is_node, unbox
 from lorax.quantize import is_quantized
@@ -170,7 +170,7 @@ def _concrete(values: Sequence[Any], where: str) -> list[Any]:
 
 
 def _bind(eqn, invals):
-    return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+    return compat.bind(eqn.primitive, invals, eqn.params)
 
 
 def eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
@@ -193,12 +193,13 @@ def eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
         if not eqn.primitive.multiple_results:
             outs = [outs]
         for var, value in zip(eqn.outvars, outs, strict=True):
-            if not isinstance(var, DropVar):
+            if not isinstance(var, compat.DropVar):
                 env[var] = value
     return [read(v) for v in jaxpr.outvars]
 
 
 def _lora_eqn(eqn, invals):
+    compat.check_params(eqn.primitive, eqn.params)  # unknown layouts fail loudly
     higher = _HIGHER_ORDER.get(eqn.primitive)
     if higher is not None:
         return higher(eqn.params, invals)
@@ -312,7 +313,7 @@ def _while(params, invals):
 _HIGHER_ORDER = {
     prims.jit_p: _inline("jaxpr"),
     prims.closed_call_p: _inline("call_jaxpr"),
-    prims.remat_p: _remat,
+    compat.remat_p: _remat,
     prims.scan_p: _scan,
     prims.cond_p: _cond,
     prims.while_p: _while,

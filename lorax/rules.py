@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as prims
 
-from lorax import dora, routing
+from lorax import compat, dora, routing
 from lorax.node import LoRA
 from lorax.qmatmul import frozen_product
 
@@ -438,15 +438,18 @@ def per_array_rule(primitive):
     mark a replicated W as device-varying)."""
 
     def rule(invals, params):
-        (v,) = invals
-        n = v.node
-
         def apply(x):
-            return None if x is None else primitive.bind(x, **params)
+            return None if x is None else compat.bind_each(primitive, x, params)
 
-        w = jax.tree.map(apply, n.w)  # a quantized w: its codes and scales
-        return v.with_node(dataclasses.replace(n, w=w, a=apply(n.a), b=apply(n.b),
-                                               magnitude=apply(n.magnitude)))
+        def each(v):
+            if not isinstance(v, LoRAValue):
+                return apply(v)
+            n = v.node
+            w = jax.tree.map(apply, n.w)  # a quantized w: its codes and scales
+            return v.with_node(dataclasses.replace(n, w=w, a=apply(n.a), b=apply(n.b),
+                                                   magnitude=apply(n.magnitude)))
+
+        return compat.as_results(primitive, [each(v) for v in invals])
 
     return rule
 

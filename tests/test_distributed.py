@@ -162,7 +162,7 @@ def _vma_step(model: td.TinyLM, tx, pcast_frozen: bool):
 
     def step(train, frozen, opt_state, tokens):
         if pcast_frozen:  # the workaround: make W device-varying so no `pvary` is inserted on it
-            frozen = jax.tree.map(lambda x: jax.lax.pcast(x, "data", to="varying"), frozen)
+            frozen = jax.tree.map(lambda x: lorax.compat.pvary(x, "data"), frozen)
 
         def loss_of(t):
             return jax.lax.pmean(loss_fn(lorax.combine(t, frozen), tokens), "data")
@@ -289,29 +289,27 @@ def _modes_worker(report_path: str) -> None:
         lp = lorax.wrap(jax.device_put(params, jax.devices()[0]), **wrap_kw)
         train, frozen = lorax.split(lp)
         opt_state = tx.init(train)
-        step = jax.pmap(td.make_train_step(model, tx, axis_name="batch"), axis_name="batch",
-                        in_axes=(None, None, None, 0))
+        pstep = jax.pmap(td.make_train_step(model, tx, axis_name="batch"), axis_name="batch",
+                         in_axes=(None, None, None, 0))
 
         def per_device(tokens):
             return tokens.reshape(N_DEVICES, -1, *tokens.shape[1:])
 
-        step = step.lower(train, frozen, opt_state, per_device(batches[0])).compile()
+        step = pstep.lower(train, frozen, opt_state, per_device(batches[0])).compile()
         losses, replicas_equal = [], True
         for tokens in batches:
-            # The executable wants its unmapped inputs replicated (the pmap call would put them).
-            args = jax.device_put((train, frozen, opt_state, per_device(tokens)),
-                                  step.input_shardings[0])
-            stacked, opt_state, loss = step(*args)
+            # The pmap call replicates the unmapped inputs (a compiled pmap has no
+            # input_shardings on jax 0.7.1).
+            stacked, opt_state, loss = pstep(train, frozen, opt_state, per_device(tokens))
             replicas_equal &= all(bool(np.all(np.asarray(x) == np.asarray(x)[:1]))
                                   for x in jax.tree.leaves((stacked, loss)))
             # Every replica holds the same update; continue from replica 0 (unmapped inputs).
             train = jax.tree.map(lambda x: x[0], stacked)
             opt_state = jax.tree.map(lambda x: x[0], opt_state)
             losses.append(float(loss[0]))
-        frozen_fn = jax.pmap(_frozen_step(model, "batch"), axis_name="batch", in_axes=(None, 0))
-        frozen_fn = frozen_fn.lower(params, per_device(batches[0])).compile()
-        args = jax.device_put((params, per_device(batches[0])), frozen_fn.input_shardings[0])
-        frozen_loss = float(frozen_fn(*args)[0][0])
+        pfrozen = jax.pmap(_frozen_step(model, "batch"), axis_name="batch", in_axes=(None, 0))
+        frozen_fn = pfrozen.lower(params, per_device(batches[0])).compile()
+        frozen_loss = float(pfrozen(params, per_device(batches[0]))[0][0])
         lora_hlo, frozen_hlo = step.as_text(), frozen_fn.as_text()
         finish(name, losses, train, frozen, lora_hlo, frozen_hlo, frozen_loss,
                replicas_equal=replicas_equal)

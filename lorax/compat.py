@@ -1,0 +1,273 @@
+"""Everything that differs across the supported JAX versions, in one place.
+
+lorax is tested from jax 0.7.1 / flax 0.12.0 to jax 0.10.2 / flax 0.12.8 (README, "Supported
+versions"). The rest of the package imports version-dependent names from here instead of from
+``jax`` directly, and :func:`check_params` guards every primitive whose parameters lorax reads:
+a parameter layout that no tested JAX produced raises :class:`UnsupportedJaxError` naming the
+primitive and the installed JAX version, instead of computing something wrong.
+
+Differences handled here (as seen on jax 0.7.1, 0.8.2 and 0.10.2):
+
+* ``jax.extend.core.DropVar`` exists on 0.10.2 only; before, ``jax.core.DropVar``.
+* ``jax.extend.core.primitives.remat_p`` is missing on 0.7.1; the primitive is then read off
+  the jaxpr of a ``jax.checkpoint``-ed function (still public API only).
+* ``Primitive.get_bind_params`` returns ``(subfuns, params)`` on 0.7.1 and 0.8.2, one dict
+  (subfuns inside) on 0.10.2: :func:`bind`.
+* ``pvary`` (inserted by ``shard_map``'s default ``check_vma=True``; exported by none, so
+  matched by name) is variadic (``multiple_results``) with an ``axis_index_groups`` parameter
+  on 0.7.1, unary without it later: :func:`bind_each`, :func:`as_results`.
+* ``lax.pcast(x, axes, to="varying")`` is missing on 0.7.1 and ``lax.pvary`` deprecated from
+  0.8.2 on: :func:`pvary`.
+* Parameters present on part of the range (``scan``'s ``linear``/``_split_transpose`` up to
+  0.8.2, ``conv_general_dilated``'s ``out_sharding`` from 0.8.2) are listed in
+  :data:`PARAM_LAYOUTS`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.extend.core as _jex
+from jax import lax
+from jax.extend.core import primitives as prims
+
+#: The tested range (pyproject.toml's bounds on jax).
+OLDEST_JAX, NEWEST_JAX = (0, 7, 1), (0, 10, 2)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+#: The installed JAX version as a tuple, e.g. ``(0, 10, 2)``.
+JAX_VERSION: tuple[int, ...] = _version_tuple(jax.__version__)
+
+
+class UnsupportedJaxError(RuntimeError):
+    """The installed JAX produced something lorax was not written (nor tested) for."""
+
+
+# ------------------------------------------------------------------------------ jaxpr classes
+
+if hasattr(_jex, "DropVar"):
+    DropVar: type = _jex.DropVar
+else:  # jax 0.7.1, 0.8.2: only in jax.core (not deprecated there)
+    DropVar = jax.core.DropVar
+
+
+# -------------------------------------------------------------------------------- primitives
+
+
+def _traced_primitive(fn: Callable[[jax.Array], Any], name: str) -> Any:
+    """The primitive of the single equation ``jax.make_jaxpr(fn)`` produces."""
+    eqns = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((), jax.numpy.float32)).eqns
+    if len(eqns) != 1:
+        raise UnsupportedJaxError(
+            f"lorax could not find the `{name}` primitive in jax {jax.__version__}: tracing it "
+            f"gave {[e.primitive.name for e in eqns]}, not one equation"
+        )
+    return eqns[0].primitive
+
+
+def _remat_primitive() -> Any:
+    if hasattr(prims, "remat_p"):
+        return prims.remat_p
+    return _traced_primitive(jax.checkpoint(lambda x: x), "remat")
+
+
+#: ``jax.checkpoint``'s primitive (``remat2``).
+remat_p = _remat_primitive()
+
+
+def bind(primitive: Any, invals: list[Any], params: Mapping[str, Any]) -> Any:
+    """Binds ``primitive`` as a jaxpr equation with parameters ``params`` would be bound.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> eqn = jax.make_jaxpr(jnp.sin)(1.0).eqns[0]
+        >>> float(bind(eqn.primitive, [jnp.float32(0.0)], eqn.params))
+        0.0
+    """
+    bind_params = primitive.get_bind_params(params)
+    if isinstance(bind_params, Mapping):  # jax 0.10.2: subfuns (if any) are a parameter
+        return primitive.bind(*invals, **bind_params)
+    if isinstance(bind_params, tuple) and len(bind_params) == 2:  # 0.7.1, 0.8.2: a pair
+        subfuns, bind_params = bind_params
+        return primitive.bind(*subfuns, *invals, **bind_params)
+    raise UnsupportedJaxError(
+        f"lorax does not understand what `{primitive.name}.get_bind_params` returns with the "
+        f"installed jax {jax.__version__}: {type(bind_params).__name__}"
+    )
+
+
+def bind_each(primitive: Any, x: Any, params: Mapping[str, Any]) -> Any:
+    """Binds a primitive that maps each operand on its own (``pvary``) to the one array ``x``.
+
+    ``pvary`` is variadic (``multiple_results``) on jax 0.7.1 and unary later; either way the
+    result is one array.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jax.extend.core import primitives as prims
+        >>> bind_each(prims.copy_p, jnp.ones(2), {}).tolist()
+        [1.0, 1.0]
+    """
+    out = primitive.bind(x, **params)
+    return out[0] if primitive.multiple_results else out
+
+
+def as_results(primitive: Any, outs: list[Any]) -> Any:
+    """``outs`` (one per operand) as the interpreter expects ``primitive``'s result: the list
+    for a ``multiple_results`` primitive, else its one element."""
+    if primitive.multiple_results:
+        return list(outs)
+    (out,) = outs
+    return out
+
+
+def pvary(x: Any, axis_name: str | tuple[str, ...]) -> Any:
+    """Marks ``x`` device-varying over ``axis_name`` inside ``shard_map`` (``check_vma=True``).
+
+    ``lax.pcast(x, axis_name, to="varying")`` where it exists, else (jax 0.7.1) ``lax.pvary``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> from jax.sharding import Mesh, PartitionSpec as P
+        >>> mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+        >>> f = jax.shard_map(lambda w: pvary(w, "data"), mesh=mesh, in_specs=P(),
+        ...                   out_specs=P("data"))
+        >>> f(jnp.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    if hasattr(lax, "pcast"):
+        return lax.pcast(x, axis_name, to="varying")
+    return lax.pvary(x, axis_name)
+
+
+# ------------------------------------------------------------------- primitive parameter layouts
+
+
+def _dot_numbers(dn: Any) -> bool:
+    try:
+        (lc, rc), (lb, rb) = dn
+        return all(isinstance(d, (tuple, list)) for d in (lc, rc, lb, rb))
+    except (TypeError, ValueError):
+        return False
+
+
+def _has(*fields: str) -> Callable[[Any], bool]:
+    return lambda value: all(hasattr(value, f) for f in fields)
+
+
+_closed = _has("jaxpr", "consts")
+_open = _has("eqns", "invars", "outvars")
+_int = lambda value: isinstance(value, int)  # noqa: E731
+
+
+def _jaxprs(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and all(_closed(b) for b in value)
+
+
+class Layout:
+    """The parameters of one primitive that lorax understands.
+
+    Args:
+        required: parameter name -> a check of its value (``None``: any value); each must be
+            present.
+        optional: parameters that some tested JAX versions have and lorax may ignore or pass on.
+        open_ended: other, unknown parameters are allowed too (for call-like primitives whose
+            extra parameters only concern compilation, e.g. ``jit``'s shardings and name).
+    """
+
+    def __init__(self, required: Mapping[str, Callable[[Any], bool] | None],
+                 optional: tuple[str, ...] = (), open_ended: bool = False):
+        self.required = dict(required)
+        self.optional = frozenset(optional)
+        self.open_ended = open_ended
+
+    def problems(self, params: Mapping[str, Any]) -> list[str]:
+        """What in ``params`` does not fit (empty when it fits)."""
+        out = [f"no parameter {k!r}" for k in self.required if k not in params]
+        out += [f"parameter {k!r} = {params[k]!r} is not of the expected form"
+                for k, check in self.required.items()
+                if k in params and check is not None and not check(params[k])]
+        if not self.open_ended:
+            known = set(self.required) | self.optional
+            out += [f"unknown parameter {k!r}" for k in sorted(set(params) - known)]
+        return out
+
+
+#: The parameter layouts lorax reads, by primitive name: the union of what jax 0.7.1 and
+#: jax 0.10.2 produce. Primitives not listed are only ever bound unchanged.
+PARAM_LAYOUTS: dict[str, Layout] = {
+    "dot_general": Layout({"dimension_numbers": _dot_numbers, "precision": None,
+                           "preferred_element_type": None}, ("out_sharding",)),
+    "conv_general_dilated": Layout(
+        {"dimension_numbers": _has("lhs_spec", "rhs_spec", "out_spec"),
+         "feature_group_count": _int, "batch_group_count": _int, "window_strides": None,
+         "padding": None, "lhs_dilation": None, "rhs_dilation": None, "precision": None,
+         "preferred_element_type": None},
+        ("out_sharding",)),  # from jax 0.8.2
+    "gather": Layout(
+        {"dimension_numbers": _has("offset_dims", "collapsed_slice_dims", "start_index_map",
+                                   "operand_batching_dims"),
+         "slice_sizes": None},
+        ("indices_are_sorted", "unique_indices", "mode", "fill_value")),
+    "transpose": Layout({"permutation": None}),
+    "convert_element_type": Layout({"new_dtype": None}, ("weak_type", "sharding")),
+    "reshape": Layout({"new_sizes": None, "dimensions": None}, ("sharding",)),
+    "slice": Layout({"start_indices": None, "limit_indices": None, "strides": None}),
+    "dynamic_slice": Layout({"slice_sizes": None}),
+    "squeeze": Layout({"dimensions": None}),
+    "copy": Layout({}),
+    "stop_gradient": Layout({}),
+    "pvary": Layout({"axes": None}, ("axis_index_groups",)),  # axis_index_groups: 0.7.1
+    "jit": Layout({"jaxpr": _closed}, open_ended=True),
+    "closed_call": Layout({"call_jaxpr": _closed}, open_ended=True),
+    "remat2": Layout({"jaxpr": _open, "prevent_cse": None, "policy": None},
+                     ("differentiated",)),
+    "scan": Layout({"jaxpr": _closed, "num_consts": _int, "num_carry": _int, "length": _int,
+                    "reverse": None, "unroll": None},
+                   ("linear", "_split_transpose")),  # both: up to jax 0.8.2
+    "cond": Layout({"branches": _jaxprs}),
+    "while": Layout({"cond_jaxpr": _closed, "body_jaxpr": _closed, "cond_nconsts": _int,
+                     "body_nconsts": _int}),
+}
+
+
+def check_params(primitive: Any, params: Mapping[str, Any]) -> None:
+    """Raises :class:`UnsupportedJaxError` if lorax does not understand ``params``.
+
+    Args:
+        primitive: a JAX primitive (or its name).
+        params: the equation's parameters.
+
+    Raises:
+        UnsupportedJaxError: naming the primitive, what does not fit, and the installed JAX
+            version, when ``params`` does not match :data:`PARAM_LAYOUTS` (primitives not
+            listed there pass).
+
+    Example:
+        >>> check_params("transpose", {"permutation": (1, 0)})
+        >>> check_params("transpose", {"perm": (1, 0)})
+        Traceback (most recent call last):
+        ...
+        lorax.compat.UnsupportedJaxError: lorax does not understand the parameters of the JAX \
+primitive `transpose` (no parameter 'permutation'; unknown parameter 'perm') ...
+    """
+    name = getattr(primitive, "name", primitive)
+    layout = PARAM_LAYOUTS.get(name)
+    if layout is None:
+        return
+    problems = layout.problems(params)
+    if problems:
+        oldest, newest = (".".join(map(str, v)) for v in (OLDEST_JAX, NEWEST_JAX))
+        raise UnsupportedJaxError(
+            f"lorax does not understand the parameters of the JAX primitive `{name}` "
+            f"({'; '.join(problems)}) with the installed jax {jax.__version__}; lorax is tested "
+            f"with jax {oldest} to {newest}. Install a jax in that range, or report this at "
+            "lorax's issue tracker with your jax version."
+        )

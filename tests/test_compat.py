@@ -1,0 +1,241 @@
+"""`lorax.compat`: the supported JAX range, and loud failures on parameter layouts it lacks.
+
+Runs on every JAX of the tested range (it is part of CI's oldest-version subset): the layouts
+the installed JAX produces must pass :func:`lorax.compat.check_params`, and altered layouts (a
+stand-in for an unknown future JAX) must raise :class:`lorax.compat.UnsupportedJaxError` naming
+the primitive and the installed JAX version, both directly and through ``lorax.lora``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import dense_params, perturb_b
+from jax import lax
+from jax.extend.core import Var
+
+import lorax
+from lorax import compat, interpreter, rules
+
+ROOT = Path(__file__).resolve().parents[1]
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _eqns(fn, *args) -> dict[str, Any]:
+    """Every equation of ``fn``'s jaxpr, sub-jaxprs included, by primitive name (the first)."""
+    out: dict[str, Any] = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            out.setdefault(eqn.primitive.name, eqn)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+                    elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        walk(sub.jaxpr)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return out
+
+
+def _everything(w, x):
+    """One program with each primitive lorax interprets."""
+    y = jax.jit(lambda a, b: a @ b)(x, w).sum()
+    y = y + jax.checkpoint(lambda a: jnp.sin(a) @ w)(x).sum()
+    y = y + jnp.reshape(w.T, (4, 2, 4)).astype(jnp.bfloat16).astype(jnp.float32).sum()
+    y = y + lax.stop_gradient(jnp.copy(w)).sum() + jnp.take(w, jnp.array([0, 1]), axis=0).sum()
+    y = y + lax.conv_general_dilated(x[None, None], w[None, None, :3, :3], (1, 1), "SAME").sum()
+    carry, _ = lax.scan(lambda c, row: (c + row, None), jnp.zeros(4), w)
+    y = y + lax.cond(x.sum() > 0, lambda: carry, lambda: -carry).sum()
+    y = y + lax.while_loop(lambda v: v[0] < 3, lambda v: v + 1, jnp.zeros(4)).sum()
+    body = jax.make_jaxpr(jnp.sin)(y)  # closed_call has no public producer: bind it
+    return compat.bind(jax.extend.core.primitives.closed_call_p, [y], {"call_jaxpr": body})[0]
+
+
+W, X = jnp.ones((8, 4)), jnp.ones((3, 8))
+EQNS = _eqns(_everything, W, X)
+
+
+def test_installed_jax_is_in_the_tested_range():
+    assert compat.OLDEST_JAX <= compat.JAX_VERSION <= compat.NEWEST_JAX, jax.__version__
+
+
+def _pins(path: Path) -> dict[str, str]:
+    return dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s#]+)", path.read_text(), re.M))
+
+
+def _bounds() -> dict[str, tuple[str, str | None]]:
+    deps = re.search(r"dependencies = \[(.*?)\n\]", (ROOT / "pyproject.toml").read_text(), re.S)
+    out = {}
+    for name, low, high in re.findall(r'"([A-Za-z0-9_.-]+)>=([\d.]+)(?:,<=([\d.]+))?"',
+                                      deps.group(1)):
+        out[name] = (low, high or None)
+    return out
+
+
+def test_pyproject_bounds_are_the_tested_ends():
+    """pyproject's lower bounds are .ci/oldest.txt's pins; its jax range is compat's."""
+    pins, bounds = _pins(ROOT / ".ci" / "oldest.txt"), _bounds()
+    for name in ("jax", "flax", "optax", "orbax-checkpoint", "numpy", "safetensors"):
+        assert bounds[name][0] == pins[name], (name, bounds[name], pins[name])
+    assert pins["jaxlib"] == pins["jax"]
+    assert compat._version_tuple(bounds["jax"][0]) == compat.OLDEST_JAX
+    assert compat._version_tuple(bounds["jax"][1]) == compat.NEWEST_JAX
+
+
+def test_every_interpreted_primitive_has_a_layout():
+    handled = [p.name for p in (*rules.RULES, *interpreter._HIGHER_ORDER)]
+    missing = sorted(set(handled + list(rules.NAMED_RULES)) - set(compat.PARAM_LAYOUTS))
+    assert not missing
+
+
+@pytest.mark.parametrize("name", sorted(set(compat.PARAM_LAYOUTS) - {"pvary"}))
+def test_installed_layouts_are_understood(name):
+    assert name in EQNS, sorted(EQNS)  # the program above has each primitive
+    compat.check_params(EQNS[name].primitive, EQNS[name].params)
+
+
+def test_pvary_layout_is_understood():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    P = jax.sharding.PartitionSpec
+    fn = jax.shard_map(lambda w: compat.pvary(w, "data"), mesh=mesh, in_specs=P(),
+                       out_specs=P("data"))
+    eqn = _eqns(fn, W)["pvary"]
+    compat.check_params(eqn.primitive, eqn.params)
+
+
+def test_remat_p_is_checkpoints_primitive():
+    eqn = jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0).eqns[0]
+    assert eqn.primitive is compat.remat_p
+
+
+def test_drop_var_is_a_jaxpr_variable_class():
+    assert issubclass(compat.DropVar, Var)
+
+
+def _raises_naming(name: str, fn, *args, **kwargs) -> str:
+    with pytest.raises(compat.UnsupportedJaxError) as err:
+        fn(*args, **kwargs)
+    message = str(err.value)
+    assert f"`{name}`" in message and f"jax {jax.__version__}" in message, message
+    return message
+
+
+def test_altered_layouts_fail_loudly():
+    eqn = EQNS["dot_general"]
+    ok = dict(eqn.params)
+    msg = _raises_naming("dot_general", compat.check_params, eqn.primitive,
+                         {**ok, "algorithm": "future"})
+    assert "unknown parameter 'algorithm'" in msg
+    missing = {k: v for k, v in ok.items() if k != "precision"}
+    assert "no parameter 'precision'" in _raises_naming("dot_general", compat.check_params,
+                                                         eqn.primitive, missing)
+    bad = {**ok, "dimension_numbers": ((0,), (1,))}
+    assert "dimension_numbers" in _raises_naming("dot_general", compat.check_params,
+                                                  eqn.primitive, bad)
+    scan = EQNS["scan"]
+    renamed = {("n_carry" if k == "num_carry" else k): v for k, v in scan.params.items()}
+    _raises_naming("scan", compat.check_params, scan.primitive, renamed)
+    # Primitives lorax never interprets are bound unchanged: any layout passes.
+    compat.check_params("sin", {"whatever": 1})
+
+
+def _altered_make_jaxpr(name: str, alter):
+    """A ``jax.make_jaxpr`` whose jaxprs have ``alter(params)`` on each ``name`` equation."""
+    original = jax.make_jaxpr
+
+    def make_jaxpr(fn, *args, **kwargs):
+        traced = original(fn, *args, **kwargs)
+
+        def run(*a, **k):
+            out = traced(*a, **k)
+            closed, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+            eqns = [e.replace(params=alter(dict(e.params))) if e.primitive.name == name else e
+                    for e in closed.jaxpr.eqns]
+            closed = closed.replace(jaxpr=closed.jaxpr.replace(eqns=eqns))
+            return (closed, *rest) if rest else closed
+
+        return run
+
+    return make_jaxpr
+
+
+@pytest.mark.parametrize("name, alter", [
+    ("dot_general", lambda p: {**p, "future_flag": True}),
+    ("dot_general", lambda p: {k: v for k, v in p.items() if k != "preferred_element_type"}),
+    ("transpose", lambda p: {"perm": p["permutation"]}),
+])
+def test_lora_fails_loudly_on_an_unknown_layout(monkeypatch, name, alter):
+    """Through ``lorax.lora``: the rule layer meets a layout no tested JAX produced."""
+    lp = lorax.wrap({"kernel": jnp.ones((8, 4))}, rank=2)
+    fn = lorax.lora(lambda p, x: x @ p["kernel"].T.T)
+    expected = fn(lp, X)  # the unaltered program works
+    monkeypatch.setattr(jax, "make_jaxpr", _altered_make_jaxpr(name, alter))
+    _raises_naming(name, fn, lp, X)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.asarray(fn(lp, X)), np.asarray(expected))
+
+
+class _FakePrimitive:
+    name = "future_p"
+
+    def get_bind_params(self, params):
+        return [params]
+
+
+def test_bind_fails_loudly_on_an_unknown_get_bind_params():
+    _raises_naming("future_p.get_bind_params", compat.bind, _FakePrimitive(), [], {})
+
+
+@pytest.mark.parametrize("primitive, closed", [
+    (jax.extend.core.primitives.closed_call_p, True), (jax.extend.core.primitives.call_p, False)])
+def test_bind_runs_call_primitives(primitive, closed):
+    """A call primitive's body is a subfun: ``(subfuns, params)`` on jax 0.7.1 and 0.8.2, a
+    parameter on 0.10.2; compat.bind binds it either way."""
+    body = jax.make_jaxpr(jnp.sin)(1.0)
+    (out,) = compat.bind(primitive, [jnp.float32(0.5)],
+                         {"call_jaxpr": body if closed else body.jaxpr})
+    np.testing.assert_allclose(float(out), np.sin(0.5), rtol=2 * EPS32)
+
+
+def test_lora_through_a_dropped_output():
+    """eigh's unused eigenvectors are a DropVar on jax 0.7.1 (an ordinary Var on 0.10.2)."""
+    lp = perturb_b(lorax.wrap({"kernel": jnp.eye(4) + jnp.ones((4, 4)) / 8}, rank=2),
+                   jax.random.key(0))
+
+    def fn(p, x):
+        k = x @ p["kernel"]
+        return jnp.linalg.eigh(k @ k.T)[0]
+
+    x = jnp.eye(4)
+    got = np.asarray(lorax.lora(fn)(lp, x))
+    want = np.asarray(fn(dense_params(lp), x))
+    np.testing.assert_allclose(got, want, rtol=0, atol=64 * EPS32 * np.abs(want).max())
+
+
+def test_lora_inside_shard_map_with_default_check_vma():
+    """shard_map (check_vma=True) inserts ``pvary`` on the replicated kernel: multiple-results
+    on jax 0.7.1, unary later; the kernel must stay factorized (no fallback warning) either way.
+    One device, so this runs in the ordinary test process."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    P = jax.sharding.PartitionSpec
+    lp = perturb_b(lorax.wrap({"kernel": jnp.ones((8, 4)) / 8}, rank=2), jax.random.key(1))
+    body = lorax.lora(lambda p, x: jnp.tanh(x @ p["kernel"]))
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 8)), jnp.float32)
+    assert "pvary" in _eqns(lambda p, x: jax.shard_map(
+        lambda p, x: x @ p["kernel"], mesh=mesh, in_specs=(P(), P("data")),
+        out_specs=P("data"))(p, x), {"kernel": W}, x)
+    got = np.asarray(fn(lp, x))
+    want = np.tanh(np.asarray(x, np.float64) @ dense_params(lp, np.float64)["kernel"])
+    np.testing.assert_allclose(got, want, rtol=0, atol=16 * EPS32 * np.abs(want).max())
+    grads = jax.grad(lambda t: fn(lorax.combine(t, lorax.split(lp)[1]), x).sum())(
+        lorax.split(lp)[0])
+    assert float(jnp.abs(lorax.split(grads)[0]["kernel"].a).sum()) > 0
