@@ -51,6 +51,8 @@ def _everything(w, x):
     y = y + jax.checkpoint(lambda a: jnp.sin(a) @ w)(x).sum()
     y = y + jnp.reshape(w.T, (4, 2, 4)).astype(jnp.bfloat16).astype(jnp.float32).sum()
     y = y + lax.stop_gradient(jnp.copy(w)).sum() + jnp.take(w, jnp.array([0, 1]), axis=0).sum()
+    y = y + (x[:, :4] @ w[0:1][0][:, None]).sum()  # slice, squeeze
+    y = y + lax.dynamic_slice_in_dim(w, y.astype(int), 1).sum()
     y = y + lax.conv_general_dilated(x[None, None], w[None, None, :3, :3], (1, 1), "SAME").sum()
     carry, _ = lax.scan(lambda c, row: (c + row, None), jnp.zeros(4), w)
     y = y + lax.cond(x.sum() > 0, lambda: carry, lambda: -carry).sum()
