@@ -42,7 +42,7 @@ def trainable(tree: Any) -> Any:
         >>> jax.tree.leaves(lorax.trainable(lp))  # bias, then kernel's w, a, b
         [False, False, True, True]
     """
-    check_tree(tree, "tree", is_node)
+    check_tree(tree, "tree", is_node, arrays=False)
     return jax.tree.map(_mark, tree, is_leaf=is_node)
 
 

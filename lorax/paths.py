@@ -167,10 +167,12 @@ def hint(paths: Sequence[str], limit: int = 8) -> str:
     return f"available paths: {shown}{more}" if paths else "the tree has no array leaves"
 
 
-def check_tree(tree: Any, argname: str, is_leaf: Callable[[Any], bool]) -> None:
-    """Raises a ``TypeError`` naming ``argname`` and the path when ``tree`` has a leaf that is
-    neither an array, a node (``is_leaf``), a number nor ``None`` (e.g. ``object()``, a module,
-    an optax function passed by mistake).
+def check_tree(tree: Any, argname: str, is_leaf: Callable[[Any], bool], *,
+               arrays: bool = True) -> None:
+    """Raises a ``TypeError`` naming ``argname`` and the path for a leaf that is neither an
+    array, a node (``is_leaf``), a number nor ``None`` (e.g. ``object()``, a module, an optax
+    function passed by mistake). With ``arrays=False`` only a ``tree`` that is itself such a
+    leaf is refused (structure-only functions also map trees of shardings or specs).
 
     Example:
         >>> check_tree({"w": object()}, "tree", lambda x: False)
@@ -178,7 +180,10 @@ def check_tree(tree: Any, argname: str, is_leaf: Callable[[Any], bool]) -> None:
         ...
         TypeError: expected `tree` to be a pytree of arrays, got object at 'w'
     """
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    if not arrays and not (len(leaves) == 1 and leaves[0][0] == ()):
+        return
+    for keypath, leaf in leaves:
         if leaf is None or is_leaf(leaf) or isinstance(leaf, (int, float, complex)):
             continue
         if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):

@@ -5,6 +5,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -67,7 +68,7 @@ def test_optimizer_factory_not_called():
     lambda: lorax.lora(42),
     lambda: lorax.merge(object()),
     lambda: lorax.split(object()),
-    lambda: lorax.trainable({"layer": {"kernel": object()}}),
+    lambda: lorax.trainable(object()),
 ])
 def test_wrong_types_rejected_at_the_call(call):
     with pytest.raises(TypeError, match="expected `(fn|tree)`"):
@@ -77,3 +78,9 @@ def test_wrong_types_rejected_at_the_call(call):
 def test_path_named_in_tree_type_error():
     with pytest.raises(TypeError, match="'layer/kernel'"):
         lorax.merge({"layer": {"kernel": object()}})
+
+
+def test_structure_functions_accept_trees_of_shardings():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    assert lorax.trainable({"kernel": spec}) == {"kernel": False}
