@@ -11,8 +11,8 @@ Each record of a sweep is one (configuration, seed, learning rate) run. This mod
   (:func:`separated`: their intervals do not overlap).
 
 Example:
-    >>> interval([0.70, 0.72, 0.74])
-    Interval(n=3, mean=0.72, lo=0.7, hi=0.74, kind='min-max')
+    >>> interval([0.5, 0.75, 1.0])
+    Interval(n=3, mean=0.75, lo=0.5, hi=1.0, kind='min-max')
     >>> separated(interval([0.70, 0.71, 0.72]), interval([0.73, 0.75, 0.74]))
     True
 """
