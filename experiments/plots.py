@@ -77,7 +77,7 @@ def plot_metric_vs_rank(rows: Sequence[Row], path: str, metric: str = "pearson")
     _baseline_bands(ax, rows, metric)
     ax.set_xscale("log", base=2)
     _finish(fig, ax, path, "LoRA rank r", f"test {metric}",
-            f"MiniLM LoRA: test {metric} vs rank ({_seeds_note(rows)})")
+            f"MiniLM LoRA: test {metric} vs rank\n({_seeds_note(rows)})")
 
 
 def plot_metric_vs_params(rows: Sequence[Row], path: str, metric: str = "pearson") -> None:
@@ -95,7 +95,7 @@ def plot_metric_vs_params(rows: Sequence[Row], path: str, metric: str = "pearson
                     fmt="*", color=color, markersize=12, capsize=3, label=_label(r))
     ax.set_xscale("log")
     _finish(fig, ax, path, "trainable parameters", f"test {metric}",
-            f"MiniLM: test {metric} vs trainable parameters ({_seeds_note(rows)})")
+            f"MiniLM: test {metric} vs trainable parameters\n({_seeds_note(rows)})")
 
 
 def _smooth(values: list[float], window: int = 10) -> list[float]:
