@@ -91,6 +91,16 @@ def default_layout(path: str, shape: tuple[int, ...]) -> str:
     return canonical_layout(ndim, n_stack, n_in)
 
 
+def stored_layout(layout: str) -> str | None:
+    """What a node's ``layout`` field holds: ``None`` when the axes are already canonical.
+
+    Example:
+        >>> stored_layout("sio"), stored_layout("oio")
+        (None, 'oio')
+    """
+    return None if layout_order(layout) == tuple(range(len(layout))) else layout
+
+
 def check_layout(layout: Any, shape: tuple[int, ...], path: str) -> str:
     """Validates an ``axes`` layout string for a kernel of ``shape``.
 

@@ -83,6 +83,7 @@ from lorax.layouts import (
     default_in_axes,
     default_layout,
     layout_order,
+    stored_layout,
 )
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node
 from lorax.paths import path_str
@@ -864,7 +865,7 @@ def load(
         nodes[slot.path] = LoRA(
             w=w, a=_as_factor(a, dtype), b=_as_factor(b, dtype), scale=scale, rank=rank,
             n_stack=0, n_in=n_in, path=slot.path, dropout=dropout,
-            magnitude=None if m is None else jnp.asarray(m), layout=_stored(layout),
+            magnitude=None if m is None else jnp.asarray(m), layout=stored_layout(layout),
         )
     for path, (slot, layers) in stacked.items():
         nodes[path] = _stack_layers(path, slot, layers, dropout, dtype)
@@ -941,9 +942,5 @@ def _stack_layers(path: str, slot: _Slot, layers: list, dropout: float, dtype: A
     m = None if layers[0][5] is None else jnp.asarray(np.stack([item[5] for item in layers]))
     return LoRA(w=w, a=_as_factor(a, dtype), b=_as_factor(b, dtype), scale=scales.pop(),
                 rank=ranks.pop(), n_stack=1, n_in=layout.count("i"), path=path, dropout=dropout,
-                magnitude=m, layout=_stored(layout))
+                magnitude=m, layout=stored_layout(layout))
 
-
-def _stored(layout: str) -> str | None:
-    """The node's ``layout`` field: ``None`` for the canonical order."""
-    return None if layout_order(layout) == tuple(range(len(layout))) else layout

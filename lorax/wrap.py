@@ -15,7 +15,7 @@ import numpy as np
 
 from lorax import pissa
 from lorax.dora import adapted_norm
-from lorax.layouts import layout_order, resolve_layout
+from lorax.layouts import layout_order, resolve_layout, stored_layout
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node, unbox
 from lorax.paths import PathSelector, Selector, first_match, hint, path_str, unmatched_keys
 from lorax.sharding import place_factors
@@ -325,22 +325,19 @@ def _adapt(path, w, rank, alpha, rank_pattern, alpha_pattern, layout, init, rslo
     a_ = alpha if a_ is None else _check_alpha(a_, path)
     scale = a_ / math.sqrt(r) if rslora else a_ / r
     factor_dtype = jnp.dtype(dtype) if dtype is not None else w.dtype
-    is_canonical = order == tuple(range(len(order)))
-    stored = None if is_canonical else layout  # canonical kernels keep the compact form
+    stored = stored_layout(layout)  # canonical kernels keep the compact form
     residual = init.startswith("pissa")
+    # PiSSA and DoRA work on the canonical (*stack, *in, *out) view of w.
+    w_c = w if stored is None or not (residual or dora) else _transposed(w, order)
     if residual:  # PiSSA: w becomes the residual W - s·a·b
-        w_c = w if is_canonical else _transposed(w, order)
         a, b, w_c = pissa.init_factors(w_c, r, scale, n_stack, n_in, init, _leaf_key(key, path),
                                        factor_dtype)
-        w = w_c if is_canonical else _transposed(w_c, tuple(np.argsort(order)))
+        w = w_c if stored is None else _transposed(w_c, tuple(np.argsort(order)))
     else:
         a, b = _init_factors(canonical, w, r, n_stack, n_in, init, _leaf_key(key, path),
                              factor_dtype)
     a, b = place_factors(w, a, b, n_stack, n_in, layout)  # on w's NamedSharding, if it has one
-    magnitude = None
-    if dora:
-        w_c = w if is_canonical else _transposed(w, order)
-        magnitude = _dora_magnitude(w_c, a, b, scale, n_stack, n_in, factor_dtype)
+    magnitude = _dora_magnitude(w_c, a, b, scale, n_stack, n_in, factor_dtype) if dora else None
     return LoRA(w=w, a=a, b=b, magnitude=magnitude, scale=scale, rank=r, n_stack=n_stack,
                 n_in=n_in, path=path, dropout=dropout, residual=residual, layout=stored)
 
