@@ -22,7 +22,7 @@ from lorax.interpreter import lora
 from lorax.merge import merge, unmerge
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_lora
 from lorax.optimizer import optimizer
-from lorax.partition import combine, split, trainable
+from lorax.partition import combine, split, trainable, value_and_grad
 from lorax.quantize import QuantizedArray, quantize
 from lorax.rules import LoRAFallbackWarning
 from lorax.sharding import factor_specs, partition_specs, shardings
@@ -68,5 +68,6 @@ __all__ = [
     "trainable",
     "unmerge",
     "unwrap",
+    "value_and_grad",
     "wrap",
 ]
