@@ -23,13 +23,13 @@ from lorax.merge import merge, unmerge
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_lora
 from lorax.optimizer import optimizer
 from lorax.partition import combine, split, trainable, value_and_grad
-from lorax.quantize import QuantizedArray, quantize
+from lorax.quantization import quantize
+from lorax.quantized import QuantizedArray
 from lorax.rules import LoRAFallbackWarning
 from lorax.sharding import factor_specs, partition_specs, shardings
 from lorax.summary import Summary, summary
+from lorax.version import __version__ as __version__
 from lorax.wrap import unwrap, wrap
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointManager",

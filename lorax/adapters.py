@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax.node import Factors, LoRA, MultiLoRA, is_node
+from lorax.node import Factors, LoRA, MultiLoRA, is_adapted, is_node
 from lorax.wrap import unwrap, wrap
 
 METHODS = ("linear", "cat", "svd")
@@ -68,7 +68,7 @@ def _names(tree: Any) -> set[str]:
 
 
 def _map(fn, tree: Any) -> Any:
-    return jax.tree.map(lambda x: fn(x) if isinstance(x, (LoRA, MultiLoRA)) else x, tree,
+    return jax.tree.map(lambda x: fn(x) if is_adapted(x) else x, tree,
                         is_leaf=is_node)
 
 
@@ -106,7 +106,7 @@ def put_adapter(tree: Any, name: str, lora_tree: Any, *, activate: bool = False)
         if new.magnitude is not None or new.residual:
             raise ValueError(f"named adapters are plain LoRA; the node at {new.path!r} is "
                              "DoRA or PiSSA")
-        if is_node(leaf) and not isinstance(leaf, (LoRA, MultiLoRA)):
+        if is_node(leaf) and not is_adapted(leaf):
             raise ValueError(f"the leaf at {new.path!r} is trained in full; it cannot also "
                              "carry an adapter")
         multi = _multi(leaf)

@@ -21,9 +21,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lorax.node import FullyTrained, LoRA, MultiLoRA, is_array_like, is_node
+from lorax.node import FullyTrained, is_adapted, is_array_like, is_node
 from lorax.partition import combine, split
 from lorax.paths import check_tree, path_str
+from lorax.version import __version__
 
 FORMAT = 1
 _ADAPTERS, _META, _OPT, _EXTRA, _DATA = "adapters", "lorax", "opt_state", "extra", "data"
@@ -46,29 +47,20 @@ def describe(tree: Any) -> dict[str, Any]:
         >>> meta["kernels"]["kernel"]["rank"], meta["kernels"]["kernel"]["a"]
         (2, [[4, 2], 'float32'])
     """
-    from lorax import __version__
-
     kernels, trained, base = {}, {}, {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
         path = path_str(keypath)
-        if isinstance(leaf, LoRA):
-            kernels[path] = {"rank": leaf.rank, "scale": leaf.scale, "n_stack": leaf.n_stack,
-                             "n_in": leaf.n_in, "dropout": leaf.dropout, "a": _spec(leaf.a),
-                             "b": _spec(leaf.b)}
-            if leaf.magnitude is not None:  # DoRA; plain LoRA metadata is unchanged
-                kernels[path]["magnitude"] = _spec(leaf.magnitude)
-            if leaf.residual:  # PiSSA: the factors belong to the residual base, not W
-                kernels[path]["residual"] = True
-            if not leaf.is_canonical:  # axes in another order than (*stack, *in, *out)
-                kernels[path]["layout"] = leaf.roles
-            base[path] = _spec(leaf.w)
-        elif isinstance(leaf, MultiLoRA):  # named adapters: one entry per name
-            for name, f in sorted(leaf.adapters.items()):
-                kernels[f"{path}[{name}]"] = {
+        if is_adapted(leaf):  # named adapters (MultiLoRA): one entry per name, `path[name]`
+            for suffix, f in leaf.named_factors():
+                entry = kernels[path + suffix] = {
                     "rank": f.rank, "scale": f.scale, "n_stack": leaf.n_stack, "n_in": leaf.n_in,
                     "dropout": leaf.dropout, "a": _spec(f.a), "b": _spec(f.b)}
-                if not leaf.is_canonical:
-                    kernels[f"{path}[{name}]"]["layout"] = leaf.roles
+                if f.magnitude is not None:  # DoRA; plain LoRA metadata is unchanged
+                    entry["magnitude"] = _spec(f.magnitude)
+                if f.residual:  # PiSSA: the factors belong to the residual base, not W
+                    entry["residual"] = True
+                if not leaf.is_canonical:  # axes in another order than (*stack, *in, *out)
+                    entry["layout"] = leaf.roles
             base[path] = _spec(leaf.w)
         elif isinstance(leaf, FullyTrained):
             trained[path] = _spec(leaf.value)

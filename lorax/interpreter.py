@@ -24,8 +24,8 @@ from jax.extend.core import primitives as prims
 
 from lorax import compat, infer, routing
 from lorax.layouts import canonical_layout
-from lorax.node import LoRA, MultiLoRA, is_lora, is_node, unbox
-from lorax.quantize import is_quantized
+from lorax.node import LoRA, is_adapted, is_node, unbox
+from lorax.quantized import is_quantized
 from lorax.rules import NAMED_RULES, RULES, LayoutError, LoRAValue, without_stack_axes
 
 
@@ -94,16 +94,14 @@ def _call(fn, args, kwargs, lora_key, adapter_ids=None):
     invals = []
     for position, i in enumerate(dynamic):
         x = leaves[i]
-        if isinstance(x, MultiLoRA) and ids is not None and x.adapters:  # per-example
+        if ids is not None and getattr(x, "adapters", None):  # MultiLoRA: per example
             invals.append(_enter(routing.route(x, names, ids), lora_key, position, routed=True))
             continue
-        if isinstance(x, MultiLoRA):  # named adapters: the active ones as one concatenated LoRA
-            single = x.as_lora()
-            x = x.w if single is None else single
-        if is_lora(x):
-            invals.append(_enter(x, lora_key, position))
-        elif is_quantized(x):  # a quantized frozen leaf outside a LoRA node
-            invals.append(lax.stop_gradient(x.dequantize()))
+        single = x.as_lora() if is_adapted(x) else None  # MultiLoRA: the active ones as one
+        if single is not None:
+            invals.append(_enter(single, lora_key, position))
+        elif is_quantized(unbox(x)):  # a quantized frozen leaf, or no active adapter on one
+            invals.append(lax.stop_gradient(unbox(x).dequantize()))
         else:
             invals.append(unbox(x))
     try:

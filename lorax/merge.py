@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax.node import FullyTrained, LoRA, MultiLoRA, is_lora, is_node
+from lorax.node import FullyTrained, LoRA, MultiLoRA, is_adapted, is_lora, is_node
 from lorax.paths import check_tree, path_str
 
 
@@ -34,7 +34,7 @@ def merge(tree: Any) -> Any:
     check_tree(tree, "tree", is_node)
 
     def fold(node: Any) -> Any:
-        if isinstance(node, (LoRA, MultiLoRA)):  # MultiLoRA: its active adapters
+        if is_adapted(node):  # MultiLoRA: its active adapters
             return node.merged()
         if isinstance(node, FullyTrained):
             return node.value
@@ -109,4 +109,4 @@ def _column_layout(node: LoRA, f: jax.Array) -> jax.Array:
 
 def node_shape(node: Any) -> tuple[int, ...]:
     """The array shape a node stands for."""
-    return tuple(node.w.shape if isinstance(node, (LoRA, MultiLoRA)) else node.value.shape)
+    return tuple(node.w.shape if is_adapted(node) else node.value.shape)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import numpy as np
 
 from lorax import dora
 from lorax.layouts import canonical_layout, layout_order
+from lorax.quantized import QuantizedArray
 
 T = TypeVar("T")
 
@@ -103,6 +104,10 @@ class KernelAxes:
         """The output axes of one (unstacked) kernel."""
         return self.canonical_shape[self.n_stack + self.n_in :]
 
+    def float_w(self) -> Any:
+        """``w`` as an array: dequantized when it is a :class:`lorax.QuantizedArray`."""
+        return self.w.dequantize() if isinstance(self.w, QuantizedArray) else self.w
+
     def to_canonical(self, x: Any) -> Any:
         """An array in ``w``'s layout transposed to ``(*stack, *in, *out)`` (no-op if it is)."""
         return x if self.is_canonical else jnp.transpose(x, self.canonical_order)
@@ -172,6 +177,19 @@ class LoRA(KernelAxes):
     layout: str | None = dataclasses.field(default=None, kw_only=True,
                                            metadata={"static": True})
 
+    def as_lora(self) -> LoRA:
+        """The node itself (a :class:`MultiLoRA` gives its active adapters as one LoRA)."""
+        return self
+
+    def named_factors(self) -> tuple[tuple[str, LoRA], ...]:
+        """``(("", self),)``: one unnamed adapter (compare :meth:`MultiLoRA.named_factors`)."""
+        return (("", self),)
+
+    def trainable_mask(self) -> LoRA:
+        """This node with ``False`` for ``w`` and ``True`` for the factors (``None`` stays)."""
+        return dataclasses.replace(self, w=_mark(self.w, False), a=_mark(self.a, True),
+                                   b=_mark(self.b, True), magnitude=_mark(self.magnitude, True))
+
     def delta(self, dtype: Any = jnp.float32) -> jax.Array:
         """Materializes ``scale * a @ b`` with the kernel's shape, computed in ``dtype``.
 
@@ -185,10 +203,6 @@ class LoRA(KernelAxes):
         delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
         delta = jnp.reshape(delta * jnp.asarray(self.scale, dtype), self.canonical_shape)
         return self.from_canonical(delta)
-
-    def float_w(self) -> Any:
-        """``w`` as an array: dequantized when it is a :class:`lorax.quantize.QuantizedArray`."""
-        return self.w.dequantize() if hasattr(self.w, "dequantize") else self.w
 
     @property
     def is_dora(self) -> bool:
@@ -236,6 +250,8 @@ class Factors:
     b: Any
     scale: float = dataclasses.field(metadata={"static": True})
     rank: int = dataclasses.field(metadata={"static": True})
+    magnitude: ClassVar[None] = None  # named adapters are plain LoRA: no DoRA, no PiSSA
+    residual: ClassVar[bool] = False
 
 
 @jax.tree_util.register_dataclass
@@ -289,12 +305,22 @@ class MultiLoRA(KernelAxes):
                     n_stack=self.n_stack, n_in=self.n_in, path=self.path, dropout=self.dropout,
                     layout=self.layout)
 
+    def named_factors(self) -> tuple[tuple[str, Factors], ...]:
+        """``(("[name]", factors), ...)`` for every adapter, in name order."""
+        return tuple((f"[{name}]", f) for name, f in sorted(self.adapters.items()))
+
+    def trainable_mask(self) -> MultiLoRA:
+        """This node with ``False`` for ``w`` and ``True`` for every factor (``None`` stays)."""
+        adapters = {name: dataclasses.replace(f, a=_mark(f.a, True), b=_mark(f.b, True))
+                    for name, f in self.adapters.items()}
+        return dataclasses.replace(self, w=_mark(self.w, False), adapters=adapters)
+
     def merged(self) -> jax.Array:
         """``w`` plus the active adapters, in float32, cast to ``w``'s dtype."""
         node = self.as_lora()
         if node is not None:
             return node.merged()
-        return self.w.dequantize() if hasattr(self.w, "dequantize") else self.w
+        return self.float_w()
 
 
 @jax.tree_util.register_dataclass
@@ -313,6 +339,15 @@ class FullyTrained:
 
     value: Any
 
+    def trainable_mask(self) -> FullyTrained:
+        """``FullyTrained(True)`` (``None`` stays)."""
+        return FullyTrained(_mark(self.value, True))
+
+
+def _mark(x: Any, value: bool) -> bool | None:
+    # `None` holes (the halves made by `lorax.split`) stay holes, so masks and optax labels match.
+    return None if x is None else value
+
 
 def is_lora(x: Any) -> bool:
     """Whether ``x`` is a :class:`LoRA` node (use as ``is_leaf=`` in tree maps).
@@ -325,6 +360,11 @@ def is_lora(x: Any) -> bool:
     return isinstance(x, LoRA)
 
 
+def is_adapted(x: Any) -> bool:
+    """Whether ``x`` is an adapted kernel: a :class:`LoRA` or :class:`MultiLoRA` node."""
+    return isinstance(x, KernelAxes)
+
+
 def is_node(x: Any) -> bool:
     """Whether ``x`` is a :class:`LoRA` or :class:`MultiLoRA` node or a :class:`FullyTrained`
     box."""
@@ -333,7 +373,7 @@ def is_node(x: Any) -> bool:
 
 def unbox(x: Any) -> Any:
     """The array a node stands for in a base model: ``w`` for LoRA, the value of a box."""
-    if isinstance(x, (LoRA, MultiLoRA)):
+    if is_adapted(x):
         return x.w
     if isinstance(x, FullyTrained):
         return x.value

@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
-from lorax.node import FullyTrained, LoRA, MultiLoRA, is_node
+from lorax.node import is_node
 from lorax.paths import check_tree
-
-
-def _mark(node: Any) -> Any:
-    # `None` holes (the halves made by `split`) stay holes, so masks and optax labels match.
-    def keep(x: Any, value: bool) -> bool | None:
-        return None if x is None else value
-
-    if isinstance(node, LoRA):
-        return dataclasses.replace(node, w=keep(node.w, False), a=keep(node.a, True),
-                                   b=keep(node.b, True), magnitude=keep(node.magnitude, True))
-    if isinstance(node, MultiLoRA):
-        adapters = {name: dataclasses.replace(f, a=keep(f.a, True), b=keep(f.b, True))
-                    for name, f in node.adapters.items()}
-        return dataclasses.replace(node, w=keep(node.w, False), adapters=adapters)
-    if isinstance(node, FullyTrained):
-        return FullyTrained(keep(node.value, True))
-    return False
 
 
 def trainable(tree: Any) -> Any:
@@ -45,7 +27,8 @@ def trainable(tree: Any) -> Any:
         [False, False, True, True]
     """
     check_tree(tree, "tree", is_node, arrays=False)
-    return jax.tree.map(_mark, tree, is_leaf=is_node)
+    return jax.tree.map(lambda x: x.trainable_mask() if is_node(x) else False, tree,
+                        is_leaf=is_node)
 
 
 def split(tree: Any) -> tuple[Any, Any]:

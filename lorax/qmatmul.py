@@ -2,7 +2,7 @@
 
 :func:`frozen_product` is what the factorized rules (:mod:`lorax.rules`) bind for the frozen
 half of ``x·(W + s·a·b)``. For a float ``W`` it is the primitive itself. For a
-:class:`lorax.quantize.QuantizedArray` it is a ``jax.custom_vjp`` whose forward dequantizes
+:class:`lorax.QuantizedArray` it is a ``jax.custom_vjp`` whose forward dequantizes
 ``W`` (to the dtype the program sees it in, e.g. bf16 after a cast), multiplies and drops it,
 and whose backward dequantizes it again for the input gradient ``dy·Wᵀ``. The residuals are
 the codes and scales themselves (already held as arguments), never the float kernel, so a step
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lorax.quantize import QuantizedArray, is_quantized
+from lorax.quantized import QuantizedArray, is_quantized
 
 
 def _view(w: Any, perm: tuple[int, ...]) -> jax.Array:
@@ -66,7 +66,7 @@ def frozen_product(primitive: Any, x: jax.Array, w: Any, perm: tuple[int, ...],
     Args:
         primitive: a bilinear primitive (``dot_general_p``, ``conv_general_dilated_p``).
         x: the other operand.
-        w: the frozen kernel: an array or a :class:`lorax.quantize.QuantizedArray`.
+        w: the frozen kernel: an array or a :class:`lorax.QuantizedArray`.
         perm: the program's view of ``w`` is ``transpose(w, perm)``.
         params: the primitive's parameters.
         side: 1 when ``w`` is the right operand, 0 when it is the left one.
@@ -78,7 +78,7 @@ def frozen_product(primitive: Any, x: jax.Array, w: Any, perm: tuple[int, ...],
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from jax.extend.core import primitives as prims
-        >>> from lorax.quantize import quantize_array
+        >>> from lorax.quantized import quantize_array
         >>> q = quantize_array(jnp.eye(4), "int8", 16)
         >>> dims = {"dimension_numbers": (((1,), (0,)), ((), ())), "precision": None,
         ...         "preferred_element_type": None, "out_sharding": None}

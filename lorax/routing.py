@@ -124,9 +124,3 @@ def routed_dot(v: Any, x: jax.Array, xc: list[int], xb: list[int], wc: list[int]
     return y + low.astype(y.dtype)
 
 
-def with_ids(tree_leaf: Any, names: list[str], ids: jax.Array) -> Any:
-    """Routes a MultiLoRA leaf; other leaves are returned unchanged."""
-    if isinstance(tree_leaf, MultiLoRA) and tree_leaf.adapters:
-        return route(tree_leaf, names, ids)
-    return tree_leaf
-

@@ -39,7 +39,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lorax.layouts import layout_order
-from lorax.node import FullyTrained, LoRA, MultiLoRA, is_array_like, is_node
+from lorax.node import FullyTrained, LoRA, MultiLoRA, is_adapted, is_array_like, is_node
 from lorax.paths import path_str
 
 # Flax logical-axis rules: ((logical_name, mesh_axes_or_None), ...).
@@ -93,7 +93,7 @@ def factor_specs(
         >>> factor_specs(P("heads", None, None), 3, layout="oio")  # Gemma q_einsum (N, D, H)
         (P(None, None), P(None, 'heads', None))
     """
-    if isinstance(node_or_ndim, (LoRA, MultiLoRA)):
+    if is_adapted(node_or_ndim):
         node = node_or_ndim
         ndim, n_stack, n_in, where = len(node.shape), node.n_stack, node.n_in, f" at {node.path!r}"
         layout = node.roles
@@ -221,7 +221,7 @@ def partition_specs(tree: Any, base_specs: Any, *, rules: Rules | None = None) -
     for (keypath, leaf), raw in zip(flat, spec_leaves, strict=True):
         path = path_str(keypath)
         spec = _base_spec(raw, rules, path)
-        if isinstance(leaf, (LoRA, MultiLoRA)):
+        if is_adapted(leaf):
             out.append(_node_specs(leaf, spec))
         elif isinstance(leaf, FullyTrained):
             out.append(FullyTrained(spec))

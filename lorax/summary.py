@@ -8,13 +8,14 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from lorax.node import FullyTrained, LoRA, MultiLoRA, is_array_like, is_node
+from lorax.node import FullyTrained, is_adapted, is_array_like, is_node
 from lorax.paths import path_str
+from lorax.quantized import QuantizedArray
 
 
 def _size_bytes(x: Any) -> tuple[int, int]:
     size = math.prod(x.shape)
-    if hasattr(x, "nbytes") and hasattr(x, "dequantize"):  # a quantized base: codes + scales
+    if isinstance(x, QuantizedArray):  # a quantized base: codes + scales
         return size, x.nbytes
     return size, size * np.dtype(x.dtype).itemsize
 
@@ -95,23 +96,16 @@ def summary(tree: Any) -> Summary:
         counts[kind][1] += nbytes
 
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
-        if isinstance(leaf, LoRA):
+        if is_adapted(leaf):  # one row per adapter (MultiLoRA: per name)
             add("frozen", leaf.w)
-            factor_params = 0
-            for factor in (leaf.a, leaf.b, leaf.magnitude):  # magnitude: DoRA's, or None
-                if factor is not None:
-                    add("trainable", factor)
-                    factor_params += _size_bytes(factor)[0]
-            adapted.append(AdaptedKernel(leaf.path or path_str(keypath), tuple(leaf.shape),
-                                         leaf.rank, leaf.scale, factor_params))
-        elif isinstance(leaf, MultiLoRA):  # one row per named adapter
-            add("frozen", leaf.w)
-            for name, f in leaf.adapters.items():
-                add("trainable", f.a)
-                add("trainable", f.b)
-                adapted.append(AdaptedKernel(f"{leaf.path or path_str(keypath)}[{name}]",
-                                             tuple(leaf.shape), f.rank, f.scale,
-                                             _size_bytes(f.a)[0] + _size_bytes(f.b)[0]))
+            for suffix, f in leaf.named_factors():
+                factor_params = 0
+                for factor in (f.a, f.b, f.magnitude):  # magnitude: DoRA's, or None
+                    if factor is not None:
+                        add("trainable", factor)
+                        factor_params += _size_bytes(factor)[0]
+                adapted.append(AdaptedKernel((leaf.path or path_str(keypath)) + suffix,
+                                             tuple(leaf.shape), f.rank, f.scale, factor_params))
         elif isinstance(leaf, FullyTrained):
             add("trainable", leaf.value)
             full.append(path_str(keypath))

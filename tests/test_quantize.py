@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +13,7 @@ from helpers import dense_delta, lora_nodes
 from variant_cost import abstract_params, full_step_flops, lora_step_flops
 
 import lorax
-
-qz = sys.modules["lorax.quantize"]  # `lorax.quantize` is the function
+from lorax import quantized as qz
 
 # QLoRA, appendix E (NF4 data type), as printed in the paper.
 PAPER_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

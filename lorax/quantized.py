@@ -1,24 +1,15 @@
-"""QLoRA-style frozen bases (arXiv 2305.14314): block-quantized ``w``, float factors.
+"""Block-quantized frozen kernels for QLoRA (arXiv 2305.14314): the array type and its formats.
 
-:func:`quantize` replaces the frozen kernel ``w`` of every LoRA node with a
-:class:`QuantizedArray`: the kernel flattened row-major, cut into blocks of ``block_size``
+A :class:`QuantizedArray` holds a kernel flattened row-major, cut into blocks of ``block_size``
 values, each block stored as small integer codes plus one float32 absmax scale:
 
 * ``"int8"``: ``round(127 · x / absmax)`` as int8 (8.5 bits a value at block size 64);
 * ``"nf4"``: the nearest of the paper's 16 NormalFloat levels to ``x / absmax``, two 4-bit codes
   packed per byte (4.5 bits a value at block size 64: 7.1x smaller than float32, 3.6x than bf16).
 
-A stacked kernel (``n_stack`` leading layer axes) is quantized layer by layer, its codes keeping
-the layer axes, so ``scan`` slices them per layer.
-
-The factors (and a DoRA magnitude) stay in their float dtype and train as usual.
-:func:`lorax.lora` gives the traced function an ordinary array of the kernel's shape and dtype,
-but inside the transform the kernel stays quantized through layout primitives (transposes,
-reshapes, casts: a cast only changes the dtype it will dequantize to) and ``scan``; its consumer
-dequantizes it on use (:mod:`lorax.qmatmul`), and the backward pass dequantizes it again
-instead of keeping the float kernel, so a train step holds about one layer's float kernel at a
-time. :func:`lorax.merge` dequantizes. Quantization is not differentiable: take gradients of
-the trainable half (:func:`lorax.split`), not of the whole tree (its codes are integers).
+``n_lead`` leading axes (a stacked kernel's layer axes) are quantized item by item, the codes
+keeping those axes, so ``scan`` slices them per layer. :func:`lorax.quantize` applies this to
+every LoRA node of a tree.
 """
 
 from __future__ import annotations
@@ -33,8 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from lorax.node import LoRA, MultiLoRA, is_node
 
 KINDS = ("int8", "nf4")
 
@@ -167,7 +156,7 @@ def quantize_array(x: Any, kind: str = "nf4", block_size: int = 64,
         >>> [round(float(v), 4) for v in quantize_array(x, "nf4", 4).dequantize().ravel()]
         [0.4407, -1.0, 0.2461, 0.0]
     """
-    _check(kind, block_size)
+    check_format(kind, block_size)
     lead, inner = tuple(x.shape[:n_lead]), tuple(x.shape[n_lead:])
     n = math.prod(inner)
     blocks = -(-n // block_size)
@@ -194,63 +183,11 @@ def quantize_array(x: Any, kind: str = "nf4", block_size: int = 64,
     return QuantizedArray(codes, scales, **meta)
 
 
-def _check(kind: Any, block_size: Any) -> None:
+def check_format(kind: Any, block_size: Any) -> None:
+    """Raises a ``ValueError`` naming ``kind`` or ``block_size`` when it is not a valid format."""
     if kind not in KINDS:
         raise ValueError(f"expected `kind` to be one of {KINDS}, got {kind!r}")
     if (isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral)
             or block_size < 2 or (kind == "nf4" and block_size % 2)):
         even = " and even for 'nf4'" if kind == "nf4" else ""
         raise ValueError(f"expected `block_size` to be an int >= 2{even}, got {block_size!r}")
-
-
-def quantize(tree: Any, kind: str = "nf4", block_size: int = 64) -> Any:
-    """Quantizes the frozen kernel ``w`` of every LoRA (or MultiLoRA) node of ``tree``.
-
-    Args:
-        tree: a wrapped tree (from :func:`lorax.wrap`); abstract trees give abstract codes.
-        kind: ``"int8"`` or ``"nf4"``.
-        block_size: values per absmax block (QLoRA uses 64).
-
-    Returns:
-        ``tree`` with each node's ``w`` a :class:`QuantizedArray` (factors untouched).
-
-    Raises:
-        ValueError: for a bad ``kind`` or ``block_size``, a tree without LoRA nodes, or a node
-            whose ``w`` is already quantized or not floating (naming its path).
-
-    Example:
-        >>> import jax.numpy as jnp, lorax
-        >>> lp = lorax.quantize(lorax.wrap({"kernel": jnp.ones((128, 64))}, rank=4), "nf4")
-        >>> w = lp["kernel"].w
-        >>> type(w).__name__, w.shape, w.nbytes, 128 * 64 * 4  # 7.1x fewer bytes than f32
-        ('QuantizedArray', (128, 64), 4608, 32768)
-        >>> bool((lorax.merge(lp)["kernel"] == 1.0).all())
-        True
-    """
-    _check(kind, block_size)
-    found = []
-
-    def go(node: Any) -> Any:
-        if not isinstance(node, (LoRA, MultiLoRA)):
-            return node
-        found.append(node.path)
-        if is_quantized(node.w):
-            raise ValueError(f"expected a float kernel, got an already quantized one at "
-                             f"{node.path!r}")
-        if not jnp.issubdtype(node.w.dtype, jnp.floating):
-            raise ValueError(f"expected a floating kernel, got {node.w.dtype} at {node.path!r}")
-        # The stack axes that lead w (in any layout) are quantized layer by layer.
-        n_lead = len(node.roles) - len(node.roles.lstrip("s"))
-        return dataclasses.replace(node, w=quantize_array(node.w, kind, block_size, n_lead))
-
-    out = jax.tree.map(go, tree, is_leaf=is_node)
-    if not found:
-        raise ValueError("expected `tree` to hold LoRA nodes (from lorax.wrap), got none")
-    return out
-
-
-def dequantize_node(node: LoRA) -> LoRA:
-    """``node`` with a float ``w`` (a no-op for unquantized nodes)."""
-    if is_quantized(node.w):
-        return dataclasses.replace(node, w=node.w.dequantize())
-    return node
