@@ -17,6 +17,7 @@ True
 from lorax import adapters, analysis, dora, layouts, peft, pissa
 from lorax.adapters import add_adapter, combine_adapters, drop_adapter, get_adapter, select
 from lorax.checkpoint import CheckpointManager, CheckpointMismatchError, restore, save
+from lorax.config import LoRAConfig
 from lorax.infer import infer_axes
 from lorax.interpreter import lora
 from lorax.merge import merge, unmerge
@@ -36,6 +37,7 @@ __all__ = [
     "CheckpointMismatchError",
     "FullyTrained",
     "LoRA",
+    "LoRAConfig",
     "LoRAFallbackWarning",
     "MultiLoRA",
     "QuantizedArray",

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax.node import Factors, LoRA, MultiLoRA, is_adapted, is_node
+from lorax.paths import paired_leaves
 from lorax.wrap import unwrap, wrap
 
 METHODS = ("linear", "cat", "svd")
@@ -93,13 +94,9 @@ def put_adapter(tree: Any, name: str, lora_tree: Any, *, activate: bool = False)
         ['en', 'fr']
     """
     _check_name(name)
-    flat, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_node)
-    new_flat, new_def = jax.tree_util.tree_flatten(lora_tree, is_leaf=is_node)
-    if len(flat) != len(new_flat):
-        raise ValueError(f"expected `lora_tree` to have the structure of `tree` ({len(flat)} "
-                         f"leaves), got {len(new_flat)}")
+    pairs, treedef = paired_leaves(tree, lora_tree, "lora_tree", is_node)
     out = []
-    for leaf, new in zip(flat, new_flat, strict=True):
+    for _, leaf, new in pairs:
         if not isinstance(new, LoRA):
             out.append(leaf)
             continue
@@ -125,7 +122,6 @@ def put_adapter(tree: Any, name: str, lora_tree: Any, *, activate: bool = False)
             active += ((name, 1.0),)
         adapters = {**multi.adapters, name: Factors(new.a, new.b, new.scale, new.rank)}
         out.append(dataclasses.replace(multi, adapters=adapters, active=active))
-    del new_def
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -21,12 +21,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lorax.layouts import axis_groups
+
 _HIGHEST = lax.Precision.HIGHEST
 
 
 def _canonical(w: Any, n_stack: int, n_in: int) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
-    shape = tuple(w.shape)
-    stack, ins, outs = shape[:n_stack], shape[n_stack : n_stack + n_in], shape[n_stack + n_in :]
+    stack, ins, outs = axis_groups(w.shape, n_stack, n_in)
     return stack, math.prod(ins), outs
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import numbers
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 from lorax.paths import first_match
+
+T = TypeVar("T")
 
 
 def canonical_layout(ndim: int, n_stack: int, n_in: int) -> str:
@@ -26,6 +28,19 @@ def canonical_layout(ndim: int, n_stack: int, n_in: int) -> str:
         'sio'
     """
     return "s" * n_stack + "i" * n_in + "o" * (ndim - n_stack - n_in)
+
+
+def axis_groups(per_axis: Sequence[T], n_stack: int, n_in: int
+                ) -> tuple[tuple[T, ...], tuple[T, ...], tuple[T, ...]]:
+    """Splits one entry per canonical axis (a shape, a sharding spec) into its
+    ``(stack, in, out)`` groups.
+
+    Example:
+        >>> axis_groups((12, 64, 8, 256), 1, 2)
+        ((12,), (64, 8), (256,))
+    """
+    per_axis = tuple(per_axis)
+    return per_axis[:n_stack], per_axis[n_stack:n_stack + n_in], per_axis[n_stack + n_in:]
 
 
 def layout_order(layout: str) -> tuple[int, ...]:

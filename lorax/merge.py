@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_adapted, is_lora, is_node
-from lorax.paths import check_tree, path_str
+from lorax.paths import check_tree, paired_leaves
 
 
 def merge(tree: Any) -> Any:
@@ -68,16 +68,9 @@ def unmerge(merged: Any, tree: Any) -> Any:
         >>> bool(jnp.allclose(back["kernel"].w, lp["kernel"].w))
         True
     """
-    flat_tree, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
-    flat_merged = jax.tree_util.tree_flatten_with_path(merged)[0]
-    if len(flat_tree) != len(flat_merged):
-        raise ValueError(
-            f"expected `merged` to have the structure of `tree` ({len(flat_tree)} leaves), got "
-            f"{len(flat_merged)} leaves"
-        )
+    pairs, treedef = paired_leaves(tree, merged, "merged", is_node)
     out = []
-    for (path, node), (_, value) in zip(flat_tree, flat_merged, strict=True):
-        where = path_str(path)
+    for where, node, value in pairs:
         if is_node(node) and tuple(value.shape) != tuple(node_shape(node)):
             raise ValueError(
                 f"expected `merged` leaf of shape {list(node_shape(node))} at {where!r}, got "

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax import dora
-from lorax.layouts import canonical_layout, layout_order
+from lorax.layouts import axis_groups, canonical_layout, layout_order
 from lorax.quantized import QuantizedArray
 
 T = TypeVar("T")
@@ -89,20 +89,25 @@ class KernelAxes:
         """The kernel's shape in ``(*stack, *in, *out)`` order."""
         return self.canonical(self.shape)
 
+    def groups(self, per_axis: Sequence[T]) -> tuple[tuple[T, ...], tuple[T, ...], tuple[T, ...]]:
+        """One entry per axis of ``w`` (a shape, a sharding spec) as canonical
+        ``(stack, in, out)`` groups."""
+        return axis_groups(self.canonical(per_axis), self.n_stack, self.n_in)
+
     @property
     def stack_shape(self) -> tuple[int, ...]:
         """The stack axes (each indexes an independent kernel with its own factors)."""
-        return self.canonical_shape[: self.n_stack]
+        return self.groups(self.shape)[0]
 
     @property
     def in_shape(self) -> tuple[int, ...]:
         """The input axes of one (unstacked) kernel."""
-        return self.canonical_shape[self.n_stack : self.n_stack + self.n_in]
+        return self.groups(self.shape)[1]
 
     @property
     def out_shape(self) -> tuple[int, ...]:
         """The output axes of one (unstacked) kernel."""
-        return self.canonical_shape[self.n_stack + self.n_in :]
+        return self.groups(self.shape)[2]
 
     def float_w(self) -> Any:
         """``w`` as an array: dequantized when it is a :class:`lorax.QuantizedArray`."""

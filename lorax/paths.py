@@ -51,6 +51,25 @@ def path_str(keypath: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+def paired_leaves(tree: Any, other: Any, argname: str, is_leaf: Callable[[Any], bool]
+                  ) -> tuple[list[tuple[str, Any, Any]], Any]:
+    """``[(path, leaf of tree, leaf of other), ...]`` and ``tree``'s treedef, for two trees
+    of the same structure; a ``ValueError`` naming ``argname`` when the leaf counts differ.
+
+    Example:
+        >>> pairs, _ = paired_leaves({"a": 1, "b": 2}, {"a": 10, "b": 20}, "other", lambda x: False)
+        >>> pairs
+        [('a', 1, 10), ('b', 2, 20)]
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    other_leaves = jax.tree_util.tree_leaves(other, is_leaf=is_leaf)
+    if len(flat) != len(other_leaves):
+        raise ValueError(f"expected `{argname}` to have the structure of `tree` ({len(flat)} "
+                         f"leaves), got {len(other_leaves)} leaves")
+    return [(path_str(kp), leaf, o) for (kp, leaf), o in zip(flat, other_leaves, strict=True)
+            ], treedef
+
+
 def _compile(pattern: Any, argname: str) -> re.Pattern[str]:
     if not isinstance(pattern, str):
         raise TypeError(

@@ -26,8 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lorax.layouts import axis_groups
 from lorax.node import LoRA, is_lora, is_node
-from lorax.paths import path_str
+from lorax.paths import paired_leaves
 
 _NITER = re.compile(r"pissa_niter_(\d+)")
 OVERSAMPLE = 8
@@ -84,7 +85,7 @@ def init_factors(w: Any, rank: int, scale: float, n_stack: int, n_in: int, init:
         [[0.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
     """
     shape = tuple(w.shape)
-    stack, ins, outs = shape[:n_stack], shape[n_stack : n_stack + n_in], shape[n_stack + n_in :]
+    stack, ins, outs = axis_groups(shape, n_stack, n_in)
     a_shape, b_shape = (*stack, *ins, rank), (*stack, rank, *outs)
     if isinstance(w, jax.ShapeDtypeStruct):
         return (jax.ShapeDtypeStruct(a_shape, dtype), jax.ShapeDtypeStruct(b_shape, dtype),
@@ -129,19 +130,12 @@ def to_lora(tree: Any, initial: Any) -> Any:
         >>> plain.rank, plain.residual, bool(jnp.allclose(plain.w, params["kernel"], atol=1e-4))
         (2, False, True)
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
-    flat_init, init_def = jax.tree_util.tree_flatten_with_path(initial, is_leaf=is_node)
-    if len(flat) != len(flat_init):
-        raise ValueError(
-            f"expected `initial` to have the structure of `tree` ({len(flat)} leaves), got "
-            f"{len(flat_init)}"
-        )
+    pairs, treedef = paired_leaves(tree, initial, "initial", is_node)
     out = []
-    for (keypath, node), (_, first) in zip(flat, flat_init, strict=True):
+    for path, node, first in pairs:
         if not (is_lora(node) and node.residual):
             out.append(node)
             continue
-        path = path_str(keypath)
         if not is_lora(first) or first.a.shape != node.a.shape or first.b.shape != node.b.shape:
             raise ValueError(
                 f"expected `initial` to hold the initial PiSSA factors at {path!r}, got "
@@ -154,7 +148,6 @@ def to_lora(tree: Any, initial: Any) -> Any:
             b=jnp.concatenate([node.b, -first.b.astype(node.b.dtype)], axis=node.n_stack),
             rank=2 * node.rank, residual=False,
         ))
-    del init_def
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

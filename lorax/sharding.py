@@ -38,7 +38,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lorax.layouts import layout_order
+from lorax.layouts import axis_groups, layout_order
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_adapted, is_array_like, is_node
 from lorax.paths import path_str
 
@@ -110,8 +110,7 @@ def factor_specs(
     entries = _padded(spec, ndim, where)
     if layout is not None:
         entries = tuple(entries[j] for j in layout_order(layout))
-    stack, ins = entries[:n_stack], entries[n_stack : n_stack + n_in]
-    outs = entries[n_stack + n_in :]
+    stack, ins, outs = axis_groups(entries, n_stack, n_in)
     return PartitionSpec(*stack, *ins, None), PartitionSpec(*stack, None, *outs)
 
 
@@ -243,8 +242,8 @@ def _node_specs(node: LoRA | MultiLoRA, spec: PartitionSpec) -> LoRA | MultiLoRA
         return dataclasses.replace(node, w=w_spec, adapters=adapters)
     magnitude = None
     if node.magnitude is not None:  # DoRA: (*stack, *out), sharded like w's stack and out axes
-        entries = node.canonical(_padded(spec, len(node.shape), f" at {node.path!r}"))
-        magnitude = PartitionSpec(*entries[: node.n_stack], *entries[node.n_stack + node.n_in :])
+        stack, _, outs = node.groups(_padded(spec, len(node.shape), f" at {node.path!r}"))
+        magnitude = PartitionSpec(*stack, *outs)
     return dataclasses.replace(node, w=w_spec, a=a_spec, b=b_spec, magnitude=magnitude)
 
 

@@ -1,11 +1,14 @@
-"""`lorax.wrap`: rewrite a parameter tree so selected kernels carry trainable low-rank factors."""
+"""`lorax.wrap`: rewrite a parameter tree so selected kernels carry trainable low-rank factors.
+
+Three steps: the settings are checked once (:class:`lorax.LoRAConfig`), the leaves to adapt or
+train in full are chosen (:mod:`lorax.selection`), and each chosen kernel becomes a node
+(:func:`adapt`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import numbers
-import re
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,49 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax import pissa
+from lorax.config import LoRAConfig
 from lorax.dora import adapted_norm
-from lorax.layouts import layout_order, resolve_layout, stored_layout
+from lorax.layouts import axis_groups, layout_order, stored_layout
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node, unbox
-from lorax.paths import PathSelector, Selector, first_match, hint, path_str, unmatched_keys
+from lorax.paths import Selector, path_str
+from lorax.selection import select
 from lorax.sharding import place_factors
-
-INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<k>")
-# Leaf names that regex `targets` select by their module's path alone (Flax's names for
-# Dense/Conv/Einsum kernels and Embed tables, Gemma's einsum `w`); other leaves must be named
-# by the regex itself.
-KERNEL_NAMES = ("kernel", "embedding", "w")
-# What `targets=None` adapts: Flax kernels, and Gemma's einsum weights (`q_einsum/w`, ...,
-# `gating_einsum` or `gating_einsum/w`, `linear` or `linear/w`).
-DEFAULT_TARGETS = re.compile(r"(^|/)(kernel|[^/]*einsum/w|[^/]*einsum|linear/w|linear)$")
-def _is_float_array(leaf: Any) -> bool:
-    return is_array_like(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
-
-
-def _check_int(value: Any, argname: str, path: str | None, minimum: int) -> int:
-    where = f" at {path!r}" if path else ""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"expected `{argname}` to be an int >= {minimum}, got {value!r}{where}")
-    return int(value)
-
-
-def _check_alpha(value: Any, path: str | None) -> float:
-    where = f" at {path!r}" if path else ""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0
-            or not math.isfinite(value)):
-        raise ValueError(f"expected `alpha` to be a positive finite number, got {value!r}{where}")
-    return float(value)
-
-
-def _leaf_key(key: jax.Array, path: str) -> jax.Array:
-    # A stable per-path key: factors do not depend on tree order or on which other leaves exist.
-    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def _init_factors(shape: tuple[int, ...], w: Any, rank: int, n_stack: int, n_in: int, init: str,
                   key, dtype):
     """Fresh ``a``, ``b`` for a kernel whose canonical ``(*stack, *in, *out)`` shape is
     ``shape`` (abstract when ``w`` is)."""
-    stack, ins, outs = shape[:n_stack], shape[n_stack : n_stack + n_in], shape[n_stack + n_in :]
+    stack, ins, outs = axis_groups(shape, n_stack, n_in)
     a_shape, b_shape = (*stack, *ins, rank), (*stack, rank, *outs)
     if isinstance(w, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(a_shape, dtype), jax.ShapeDtypeStruct(b_shape, dtype)
@@ -89,6 +63,7 @@ def wrap(
     key: jax.Array | None = None,
     dtype: Any = None,
     dora: bool = False,
+    config: LoRAConfig | None = None,
 ) -> Any:
     """Replaces selected kernels of ``params`` with :class:`lorax.LoRA` nodes.
 
@@ -123,7 +98,7 @@ def wrap(
             per axis of the kernel, ``s`` (stack: each index has its own factors), ``i`` (input,
             contracted with the activation) or ``o`` (output), in any order; one string for all
             adapted kernels or ``{regex: layout}``. ``lorax.infer_axes(fn, params, *args)``
-            reads every kernel's layout off the model. Default (:func:`default_layout`):
+            reads every kernel's layout off the model. Default (:func:`lorax.layouts.default_layout`):
             Gemma's einsum names (``q_einsum`` ``'oio'``, ``kv_einsum``/``qkv_einsum``
             ``'soio'``, ...), ``nn.ConvLocal``, then ``in_axes``' default.
         train: leaves to fine-tune in full (PEFT's ``modules_to_save``), boxed as
@@ -145,6 +120,8 @@ def wrap(
             over the input axes), and computes ``magnitude * V / ||V||_c`` with
             ``V = w + scale * a @ b``; the model is unchanged at step 0. See
             :mod:`lorax.dora`.
+        config: all of the above in one :class:`lorax.LoRAConfig`, instead of the keywords
+            (giving both is a ``TypeError``).
 
     Returns:
         A tree of the same structure where each selected leaf is a :class:`lorax.LoRA` node and
@@ -170,48 +147,11 @@ def wrap(
         >>> lorax.wrap(gemma, rank=4)["attn"]["q_einsum"]["w"].layout
         'oio'
     """
-    _check_int(rank, "rank", None, 1)
-    alpha = _check_alpha(alpha, None)
-    is_pissa = isinstance(init, str) and init.startswith("pissa")
-    if is_pissa:
-        pissa.niter(init)  # validates "pissa_niter_<k>"
-    elif init not in INITS:
-        raise ValueError(f"expected `init` to be one of {INITS}, got {init!r}")
-    if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"expected `dropout` to be a float in [0, 1), got {dropout!r}")
-    if not isinstance(rslora, bool | np.bool_):
-        raise TypeError(f"expected `rslora` to be a bool, got {type(rslora).__name__}")
-    if not isinstance(dora, bool | np.bool_):
-        raise TypeError(f"expected `dora` to be a bool, got {type(dora).__name__}")
-    if key is None:
-        key = jax.random.key(0)
-    if in_axes is not None and not isinstance(in_axes, Mapping):
-        _check_int(in_axes, "in_axes", None, 1)
-    for argname, mapping in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern),
-                             ("stacked", stacked)) + ((("axes", axes),) if not isinstance(
-                                 axes, str) else ()):
-        if mapping is not None and not isinstance(mapping, Mapping):
-            raise TypeError(
-                f"expected `{argname}` to be a dict {{regex: value}}, got {type(mapping).__name__}"
-            )
-    if dtype is not None:
-        try:
-            floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-        except TypeError:
-            floating = False
-        if not floating:
-            raise TypeError(f"expected `dtype` to be a floating dtype, got {dtype!r}")
-    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)) and not (
-        is_array_like(key) and key.dtype == jnp.uint32 and tuple(key.shape) == (2,)
-    ):
-        raise TypeError(
-            f"expected `key` to be a PRNG key (jax.random.key(...)), got {type(key).__name__}"
-        )
-
-    target_sel = PathSelector(targets, "targets")
-    exclude_sel = PathSelector(exclude, "exclude")
-    train_sel = PathSelector(train, "train")
-
+    settings = dict(rank=rank, targets=targets, exclude=exclude, alpha=alpha,
+                    rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, in_axes=in_axes,
+                    stacked=stacked, axes=axes, train=train, init=init, rslora=rslora,
+                    dropout=dropout, key=key, dtype=dtype, dora=dora)
+    config = _config(config, settings)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
     paths = [path_str(kp) for kp, _ in flat]
     for path, (_, leaf) in zip(paths, flat, strict=True):
@@ -221,125 +161,66 @@ def wrap(
                 "call lorax.unwrap (or lorax.merge) first"
             )
     arrays = [(p, leaf) for p, (_, leaf) in zip(paths, flat, strict=True) if is_array_like(leaf)]
-    array_paths = [p for p, _ in arrays]
-
-    # Which leaves are trained in full, which are adapted.
-    trained, adapted, exclude_hits = set(), [], set()
-    pattern_hits: dict[str, list[tuple[str, Any]]] = {}
-    for path, leaf in arrays:
-        if train_sel(path, leaf):
-            if not _is_float_array(leaf):
-                raise ValueError(
-                    f"expected `train` to select floating leaves, got {leaf.dtype} at {path!r}"
-                )
-            trained.add(path)
-            continue
-        excluded_by = exclude_sel.matching(path, leaf)
-        if excluded_by:
-            exclude_hits.update(excluded_by)
-            continue
-        if target_sel.is_none:
-            if DEFAULT_TARGETS.search(path) and _is_float_array(leaf) and leaf.ndim >= 2:
-                adapted.append(path)
-            continue
-        hits = target_sel.naming(path, leaf, KERNEL_NAMES)
-        for pattern in hits:
-            pattern_hits.setdefault(pattern, []).append((path, leaf))
-        if hits and _is_float_array(leaf) and leaf.ndim >= 2:
-            adapted.append(path)
-
-    for pattern in exclude_sel.patterns:
-        if pattern.pattern not in exclude_hits:
-            raise ValueError(
-                f"`exclude` pattern {pattern.pattern!r} matched no leaf; {hint(array_paths)}"
-            )
-    if not train_sel.is_none and not trained:
-        raise ValueError(f"`train` matched no leaf; {hint(array_paths)}")
-    for pattern in [p.pattern for p in target_sel.patterns] + (
-        ["<callable>"] if target_sel.fn else []
-    ):
-        hits = pattern_hits.get(pattern, [])
-        if not hits:
-            raise ValueError(f"`targets` pattern {pattern!r} matched no leaf; {hint(array_paths)}")
-        bad = [(p, x) for p, x in hits if not (_is_float_array(x) and x.ndim >= 2)]
-        if len(bad) == len(hits) or (pattern == "<callable>" and bad):
-            p, x = bad[0]
-            raise ValueError(
-                f"expected `targets` to select floating kernels with ndim >= 2, got "
-                f"{x.dtype}{list(x.shape)} at {p!r}"
-            )
-    if not adapted:
-        default = (" (the default `targets` picks floating leaves of ndim >= 2 named `kernel` or "
-                   "Gemma's einsum weights; pass `targets=` regexes for other names)"
-                   if target_sel.is_none else "")
-        raise ValueError(f"no leaf was selected for adaptation{default}; {hint(array_paths)}")
-    for argname, mapping in (
-        ("rank_pattern", rank_pattern),
-        ("alpha_pattern", alpha_pattern),
-        ("in_axes", in_axes if isinstance(in_axes, Mapping) else None),
-        ("stacked", stacked),
-    ):
-        missing = unmatched_keys(mapping, adapted, argname)
-        if missing:
-            raise ValueError(
-                f"`{argname}` pattern {missing[0]!r} matched no adapted leaf; adapted paths: "
-                + ", ".join(repr(p) for p in adapted[:8])
-            )
-    # `axes` may come from infer_axes, which lists every kernel the model uses: its keys need
-    # only match some leaf.
-    missing = unmatched_keys(None if isinstance(axes, str) else axes, array_paths, "axes")
-    if missing:
-        raise ValueError(f"`axes` pattern {missing[0]!r} matched no leaf; {hint(array_paths)}")
-
-    adapted_set = set(adapted)
-    new_leaves = []
-    for path, (_, leaf) in zip(paths, flat, strict=True):
-        if path in trained:
-            new_leaves.append(FullyTrained(leaf))
-        elif path in adapted_set:
-            new_leaves.append(
-                _adapt(path, leaf, rank, alpha, rank_pattern, alpha_pattern,
-                       resolve_layout(path, leaf, in_axes, stacked, axes), init, rslora,
-                       float(dropout), key, dtype, dora=bool(dora))
-            )
-        else:
-            new_leaves.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, new_leaves)
+    chosen = select(arrays, config)
+    adapted, trained = set(chosen.adapted), set(chosen.trained)
+    leaves = [FullyTrained(leaf) if path in trained else adapt(path, leaf, config)
+              if path in adapted else leaf for path, (_, leaf) in zip(paths, flat, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _adapt(path, w, rank, alpha, rank_pattern, alpha_pattern, layout, init, rslora, dropout, key,
-           dtype, *, dora: bool = False) -> LoRA:
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoRAConfig)}
+
+
+def _config(config: LoRAConfig | None, settings: dict[str, Any]) -> LoRAConfig:
+    if config is None:
+        return LoRAConfig(**settings)
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"expected `config` to be a lorax.LoRAConfig, got {type(config).__name__}")
+    given = [name for name, value in settings.items() if value is not _DEFAULTS[name]
+             and not (isinstance(value, int | float | str) and value == _DEFAULTS[name])]
+    if given:
+        raise TypeError(f"expected the settings either in `config` or as keywords, got `config` "
+                        f"and `{given[0]}`; use dataclasses.replace(config, {given[0]}=...)")
+    return config
+
+
+def adapt(path: str, w: Any, config: LoRAConfig) -> LoRA:
+    """The LoRA node ``config`` makes of the kernel ``w`` at ``path`` (abstract when ``w`` is).
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> node = adapt("q_einsum/w", jnp.ones((4, 32, 8)), lorax.LoRAConfig(rank=2))
+        >>> node.layout, node.a.shape, node.b.shape  # Gemma's (heads, d, head_dim)
+        ('oio', (32, 2), (2, 4, 8))
+    """
+    layout = config.layout_at(path, w)
     n_stack, n_in = layout.count("s"), layout.count("i")
     order = layout_order(layout)
     canonical = tuple(w.shape[j] for j in order)
-    r = first_match(rank_pattern, path, "rank_pattern")
-    r = rank if r is None else _check_int(r, "rank_pattern", path, 1)
-    fan_in = math.prod(canonical[n_stack : n_stack + n_in])
-    fan_out = math.prod(canonical[n_stack + n_in :])
-    if r > min(fan_in, fan_out):
+    _, ins, outs = axis_groups(canonical, n_stack, n_in)
+    r = config.rank_at(path)
+    if r > min(math.prod(ins), math.prod(outs)):
         raise ValueError(
-            f"expected `rank` <= min(in, out) = min({fan_in}, {fan_out}), got {r} at {path!r} "
-            f"(layout {layout!r}; a stacked kernel needs `stacked=` or `axes=`)"
+            f"expected `rank` <= min(in, out) = min({math.prod(ins)}, {math.prod(outs)}), got {r} "
+            f"at {path!r} (layout {layout!r}; a stacked kernel needs `stacked=` or `axes=`)"
         )
-    a_ = first_match(alpha_pattern, path, "alpha_pattern")
-    a_ = alpha if a_ is None else _check_alpha(a_, path)
-    scale = a_ / math.sqrt(r) if rslora else a_ / r
-    factor_dtype = jnp.dtype(dtype) if dtype is not None else w.dtype
+    scale = config.scale_at(path, r)
+    dtype = config.factor_dtype(w)
     stored = stored_layout(layout)  # canonical kernels keep the compact form
-    residual = init.startswith("pissa")
     # PiSSA and DoRA work on the canonical (*stack, *in, *out) view of w.
-    w_c = w if stored is None or not (residual or dora) else _transposed(w, order)
-    if residual:  # PiSSA: w becomes the residual W - s·a·b
-        a, b, w_c = pissa.init_factors(w_c, r, scale, n_stack, n_in, init, _leaf_key(key, path),
-                                       factor_dtype)
+    w_c = w if stored is None or not (config.residual or config.dora) else _transposed(w, order)
+    if config.residual:  # PiSSA: w becomes the residual W - s·a·b
+        a, b, w_c = pissa.init_factors(w_c, r, scale, n_stack, n_in, config.init,
+                                       config.key_at(path), dtype)
         w = w_c if stored is None else _transposed(w_c, tuple(np.argsort(order)))
     else:
-        a, b = _init_factors(canonical, w, r, n_stack, n_in, init, _leaf_key(key, path),
-                             factor_dtype)
+        a, b = _init_factors(canonical, w, r, n_stack, n_in, config.init, config.key_at(path),
+                             dtype)
     a, b = place_factors(w, a, b, n_stack, n_in, layout)  # on w's NamedSharding, if it has one
-    magnitude = _dora_magnitude(w_c, a, b, scale, n_stack, n_in, factor_dtype) if dora else None
+    magnitude = _dora_magnitude(w_c, a, b, scale, n_stack, n_in, dtype) if config.dora else None
     return LoRA(w=w, a=a, b=b, magnitude=magnitude, scale=scale, rank=r, n_stack=n_stack,
-                n_in=n_in, path=path, dropout=dropout, residual=residual, layout=stored)
+                n_in=n_in, path=path, dropout=config.dropout, residual=config.residual,
+                layout=stored)
 
 
 def _transposed(w: Any, order: tuple[int, ...]) -> Any:
