@@ -142,7 +142,7 @@ class PathSelector:
         if self.fn is not None:
             return self.matching(path, leaf)
         leaf_start = path.rfind("/") + 1
-        named = path[leaf_start:] in kernel_names
+        named = leaf_name(path) in kernel_names
         return [
             p.pattern for p in self.patterns
             if any(named or m.end() > leaf_start for m in p.finditer(path))
@@ -179,11 +179,51 @@ def unmatched_keys(mapping: Mapping[str, Any] | None, paths: Iterable[str], argn
     return [k for k in mapping if not any(_compile(k, argname).search(p) for p in paths)]
 
 
+def listing(names: Sequence[str], limit: int = 8) -> str:
+    """The first ``limit`` of ``names``, quoted, for error messages (``'none'`` when empty).
+
+    Example:
+        >>> listing(["a", "b", "c"], limit=2), listing([])
+        ("'a', 'b', ... (1 more)", 'none')
+    """
+    if not names:
+        return "none"
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
+
+
 def hint(paths: Sequence[str], limit: int = 8) -> str:
-    """A short listing of available paths for error messages."""
-    shown = ", ".join(repr(p) for p in paths[:limit])
-    more = f", ... ({len(paths) - limit} more)" if len(paths) > limit else ""
-    return f"available paths: {shown}{more}" if paths else "the tree has no array leaves"
+    """A short listing of available paths for error messages.
+
+    Example:
+        >>> hint(["fc/kernel"]), hint([])
+        ("available paths: 'fc/kernel'", 'the tree has no array leaves')
+    """
+    return f"available paths: {listing(paths, limit)}" if paths else "the tree has no array leaves"
+
+
+def leaf_name(path: str) -> str:
+    """The leaf's own name: the last component of a '/'-joined path.
+
+    Example:
+        >>> leaf_name("encoder/layer_0/query/kernel"), leaf_name("kernel")
+        ('kernel', 'kernel')
+    """
+    return path.rsplit("/", 1)[-1]
+
+
+def is_kernel_path(path: str, ndim: int, names: Sequence[str] = ("kernel",)) -> bool:
+    """Whether a leaf of ``ndim`` axes at ``path`` is a kernel: a leaf named in ``names`` (the
+    leaf's own name, see :func:`leaf_name`) with at least two axes.
+
+    Example:
+        >>> is_kernel_path("fc/kernel", 2), is_kernel_path("fc/kernel", 1)
+        (True, False)
+        >>> is_kernel_path("embed/embedding", 2), is_kernel_path("embed/embedding", 2,
+        ...                                                      ("kernel", "embedding"))
+        (False, True)
+    """
+    return ndim >= 2 and leaf_name(path) in names
 
 
 def check_tree(tree: Any, argname: str, is_leaf: Callable[[Any], bool], *,
