@@ -20,13 +20,13 @@ from lorax.checkpoint import CheckpointManager, CheckpointMismatchError, restore
 from lorax.config import LoRAConfig
 from lorax.infer import infer_axes
 from lorax.interpreter import lora
+from lorax.lora_value import LoRAFallbackWarning
 from lorax.merge import merge, unmerge
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_lora
 from lorax.optimizer import optimizer
 from lorax.partition import combine, split, trainable, value_and_grad
 from lorax.quantization import quantize
 from lorax.quantized import QuantizedArray
-from lorax.rules import LoRAFallbackWarning
 from lorax.sharding import factor_specs, partition_specs, shardings
 from lorax.summary import Summary, summary
 from lorax.version import __version__ as __version__

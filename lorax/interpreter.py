@@ -2,7 +2,7 @@
 
 The transform traces ``fn`` once with each LoRA node replaced by its frozen kernel ``w`` (so the
 function sees ordinary arrays of the usual shapes), then evaluates the resulting jaxpr equation
-by equation. Values derived from a LoRA node stay symbolic (:class:`lorax.rules.LoRAValue`)
+by equation. Values derived from a LoRA node stay symbolic (:class:`lorax.lora_value.LoRAValue`)
 through layout primitives and are consumed by the factorized rules in :mod:`lorax.rules`.
 Higher-order primitives (``jit``, ``remat``, ``scan``, ``cond``, ``while``) are re-issued with
 their bodies interpreted the same way; every other equation is bound unchanged. Only public
@@ -24,9 +24,11 @@ from jax.extend.core import primitives as prims
 
 from lorax import compat, infer, routing
 from lorax.layouts import canonical_layout
+from lorax.lora_value import LayoutError, LoRAValue
 from lorax.node import LoRA, is_adapted, is_node, unbox
 from lorax.quantized import is_quantized
-from lorax.rules import NAMED_RULES, RULES, LayoutError, LoRAValue, without_stack_axes
+from lorax.rules import NAMED_RULES, RULES
+from lorax.view_rules import without_stack_axes
 
 
 def lora(fn: Callable[..., Any]) -> Callable[..., Any]:

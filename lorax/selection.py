@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from lorax.config import LoRAConfig
 from lorax.node import is_array_like
-from lorax.paths import PathSelector, hint, unmatched_keys
+from lorax.paths import PathSelector, hint, listing, unmatched_keys
 
 # Leaf names that regex `targets` select by their module's path alone (Flax's names for
 # Dense/Conv/Einsum kernels and Embed tables, Gemma's einsum `w`); other leaves must be named
@@ -113,7 +113,7 @@ def _check_patterns(config: LoRAConfig, adapted: list[str], paths: list[str]) ->
         missing = unmatched_keys(mapping, adapted, argname)
         if missing:
             raise ValueError(f"`{argname}` pattern {missing[0]!r} matched no adapted leaf; "
-                             "adapted paths: " + ", ".join(repr(p) for p in adapted[:8]))
+                             f"adapted paths: {listing(adapted)}")
     # `axes` may come from infer_axes, which lists every kernel the model uses: its keys need
     # only match some leaf.
     axes = None if isinstance(config.axes, str) else config.axes

@@ -98,9 +98,10 @@ def wrap(
             per axis of the kernel, ``s`` (stack: each index has its own factors), ``i`` (input,
             contracted with the activation) or ``o`` (output), in any order; one string for all
             adapted kernels or ``{regex: layout}``. ``lorax.infer_axes(fn, params, *args)``
-            reads every kernel's layout off the model. Default (:func:`lorax.layouts.default_layout`):
-            Gemma's einsum names (``q_einsum`` ``'oio'``, ``kv_einsum``/``qkv_einsum``
-            ``'soio'``, ...), ``nn.ConvLocal``, then ``in_axes``' default.
+            reads every kernel's layout off the model. Default
+            (:func:`lorax.layouts.default_layout`): Gemma's einsum names (``q_einsum``
+            ``'oio'``, ``kv_einsum``/``qkv_einsum`` ``'soio'``, ...), ``nn.ConvLocal``, then
+            ``in_axes``' default.
         train: leaves to fine-tune in full (PEFT's ``modules_to_save``), boxed as
             :class:`lorax.FullyTrained`; they take precedence over ``targets``.
         init: ``"kaiming"`` (``a`` uniform in ±1/sqrt(fan_in), as PEFT) or ``"gaussian"``

@@ -42,7 +42,7 @@ def _nudge(tree, seed):
                     for k, f in node.adapters.items()}
         return dataclasses.replace(node, adapters=adapters)
 
-    return jax.tree.map(go, tree, is_leaf=lorax.peft.is_node)
+    return jax.tree.map(go, tree, is_leaf=lambda x: isinstance(x, lorax.MultiLoRA))
 
 
 def _three(params):

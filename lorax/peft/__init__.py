@@ -58,7 +58,6 @@ Example:
     (4, 2.0)
 """
 
-from lorax.node import is_node as is_node  # kept importable here: tests use lorax.peft.is_node
 from lorax.peft.config import pattern_value, read_config
 from lorax.peft.files import CONFIG_NAME, WEIGHTS_NAME
 from lorax.peft.loading import load
