@@ -21,7 +21,6 @@ from experiments.bench.steps import LEARNING_RATE
 SCALE_RANK = 8
 """Rank of the scale-planning runs."""
 
-
 LLAMA_SHAPES = {
     "llama2-7b": {"n_layers": 32, "d": 4096, "ffn": 11008, "kv": 4096, "vocab": 32000},
     "llama2-70b": {"n_layers": 80, "d": 8192, "ffn": 28672, "kv": 1024, "vocab": 32000},
