@@ -26,7 +26,11 @@ import jax
 import jax.numpy as jnp
 
 import lorax
-from experiments import bench, gpt
+from experiments import gpt
+from experiments.bench.cost import Cost, compile_step
+from experiments.bench.footprint import fmt_bytes
+from experiments.bench.steps import make_steps
+from experiments.bench.workloads import QUICK_GPT, gpt_workload
 
 MEMORY_GPT = gpt.GPTConfig(vocab_size=8192, d_model=1024, n_layers=8, n_heads=16, d_ff=4096,
                            max_len=128)
@@ -70,7 +74,7 @@ def kernel_bytes(lp: Any) -> int:
 
 
 def memory_costs(config: gpt.GPTConfig = MEMORY_GPT, batch_size: int = 1, rank: int = 8,
-                 bases: Sequence[str] = BASES, fast: bool = True) -> dict[str, bench.Cost]:
+                 bases: Sequence[str] = BASES, fast: bool = True) -> dict[str, Cost]:
     """Compiles the table's programs (on abstract params) and returns their costs.
 
     Args:
@@ -78,39 +82,38 @@ def memory_costs(config: gpt.GPTConfig = MEMORY_GPT, batch_size: int = 1, rank: 
         batch_size: Sequences per batch.
         rank: LoRA rank of every kernel.
         bases: Which ``lora_<base>`` programs to compile.
-        fast: Compile with :data:`experiments.bench.FAST_COMPILE` (the HLO passes, hence the
+        fast: Compile with :data:`experiments.bench.cost.FAST_COMPILE` (the HLO passes, hence the
             memory analysis, are unchanged).
 
     Returns:
         ``{program: Cost}`` for ``full``, ``frozen`` and ``lora_<base>`` for each base.
     """
-    workload = bench.gpt_workload(config, batch_size=batch_size, abstract_params=True)
+    workload = gpt_workload(config, batch_size=batch_size, abstract_params=True)
     params, batch = workload.params, workload.batch
-    steps = bench.make_steps(workload)
+    steps = make_steps(workload)
     lora_loss = lorax.lora(workload.loss)
 
     def full(params: Any, batch: tuple[Any, ...]) -> Any:
         return jax.value_and_grad(workload.loss)(params, batch)
 
     def lora(trainable: Any, frozen: Any, batch: tuple[Any, ...]) -> Any:
-        return jax.value_and_grad(lambda t: lora_loss(lorax.combine(t, frozen), batch))(
-            trainable)
+        return lorax.value_and_grad(lora_loss)(lorax.combine(trainable, frozen), batch)
 
-    costs = {"full": bench.compile_step(full, params, batch, fast=fast)[1],
-             "frozen": bench.compile_step(steps.frozen, params, batch, fast=fast)[1]}
+    costs = {"full": compile_step(full, params, batch, fast=fast)[1],
+             "frozen": compile_step(steps.frozen, params, batch, fast=fast)[1]}
     lp = lorax.wrap(params, rank)
     for base in bases:
         trainable, frozen = lorax.split(with_base(lp, base))
-        costs[f"lora_{base}"] = bench.compile_step(lora, trainable, frozen, batch, fast=fast)[1]
+        costs[f"lora_{base}"] = compile_step(lora, trainable, frozen, batch, fast=fast)[1]
     return costs
 
 
-def peak_bytes(cost: bench.Cost) -> int:
+def peak_bytes(cost: Cost) -> int:
     """``argument + output + temp - alias`` bytes of a compiled program."""
     return cost.argument_bytes + cost.output_bytes + cost.temp_bytes - cost.alias_bytes
 
 
-def goal_ratios(costs: dict[str, bench.Cost], f32_kernel_bytes: int) -> dict[str, float]:
+def goal_ratios(costs: dict[str, Cost], f32_kernel_bytes: int) -> dict[str, float]:
     """The issue's goals: each quantized step against the f32-base LoRA step.
 
     Returns:
@@ -152,7 +155,7 @@ def memory_rows(config: gpt.GPTConfig = MEMORY_GPT,
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else bench.fmt_bytes(n)
+    return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else fmt_bytes(n)
 
 
 def render(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -179,7 +182,7 @@ def render(rows: Sequence[dict[str, Any]]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Prints the memory table for :data:`MEMORY_GPT` (``--quick``: the tiny GPT)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    config = bench.QUICK_GPT if "--quick" in argv else MEMORY_GPT
+    config = QUICK_GPT if "--quick" in argv else MEMORY_GPT
     print("\n".join(render(memory_rows(config))))
     return 0
 

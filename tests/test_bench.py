@@ -16,7 +16,18 @@ import numpy as np
 import pytest
 
 import lorax
-from experiments import bench, gpt
+from experiments import gpt
+from experiments.bench import (
+    cli,
+    cost,
+    footprint,
+    ranks,
+    report,
+    scale,
+    steps,
+    timing,
+    workloads,
+)
 
 # d = 512 as in the benchmark (the low-rank share of a kernel is about 1.5 r (1/d_in + 1/d_out)
 # of the frozen floor, so d must be large against r = 8), with fewer layers and tokens.
@@ -39,18 +50,18 @@ REQUIRED = (
 
 
 @pytest.fixture(scope="module")
-def workload() -> bench.Workload:
-    return bench.gpt_workload(CONFIG, batch_size=BATCH, abstract_params=True)
+def workload() -> workloads.Workload:
+    return workloads.gpt_workload(CONFIG, batch_size=BATCH, abstract_params=True)
 
 
 @pytest.fixture(scope="module")
-def costs(workload) -> dict[str, bench.Cost]:
-    return bench.measure_flops(workload, RANK)
+def costs(workload) -> dict[str, cost.Cost]:
+    return cost.measure_flops(workload, RANK)
 
 
 @pytest.fixture(scope="module")
 def ratios(costs) -> dict[str, float]:
-    return bench.flop_ratios(costs)
+    return cost.flop_ratios(costs)
 
 
 def test_lora_step_costs_at_most_70_percent_of_full_fine_tuning(ratios):
@@ -78,7 +89,7 @@ def test_flop_counts_agree_with_an_independent_count(workload, costs):
     tokens = BATCH * CONFIG.max_len
     analytic = 2 * tokens * CONFIG.matmul_params()
     plain = jax.jit(workload.forward).lower(workload.params, workload.batch).compile(
-        compiler_options=bench.FAST_COMPILE)
+        compiler_options=cost.FAST_COMPILE)
     forward = plain.cost_analysis()["flops"]
     assert analytic <= forward <= 1.1 * analytic
     assert costs["base_forward"].flops == forward
@@ -87,17 +98,17 @@ def test_flop_counts_agree_with_an_independent_count(workload, costs):
 
 
 def test_optimizer_state_holds_nothing_for_frozen_kernels(workload):
-    steps = bench.make_steps(workload)
-    lp = lorax.wrap(bench.abstract(workload.params), RANK)
-    lora = bench.optstate_bytes(steps.tx_lora, lorax.split(lp)[0])
-    full = bench.optstate_bytes(steps.tx_full, workload.params)
+    fns = steps.make_steps(workload)
+    lp = lorax.wrap(cost.abstract(workload.params), RANK)
+    lora = footprint.optstate_bytes(fns.tx_lora, lorax.split(lp)[0])
+    full = footprint.optstate_bytes(fns.tx_full, workload.params)
     # Adam: mu and nu per trainable float, plus a 4-byte step count.
-    assert lora == 2 * bench.factor_bytes(lp) + 4
-    assert full == 2 * bench.tree_bytes(workload.params) + 4
+    assert lora == 2 * footprint.factor_bytes(lp) + 4
+    assert full == 2 * footprint.tree_bytes(workload.params) + 4
 
 
 def test_scale_planning_counts_llama2_7b_exactly():
-    plan = bench.plan_scale("llama2-7b", "qkvo")
+    plan = scale.plan_scale("llama2-7b", "qkvo")
     per_layer = 4 * RANK * (4096 + 4096)
     assert plan["trainable_params"] == 32 * per_layer == 8_388_608
     assert plan["adapter_bytes"] == 2 * plan["trainable_params"]  # bf16 factors
@@ -109,7 +120,7 @@ def test_scale_planning_counts_llama2_7b_exactly():
 def test_minilm_split_matches_the_plain_encoder():
     from experiments import bert
 
-    workload = bench.make_workload("minilm", quick=True)
+    workload = workloads.make_workload("minilm", quick=True)
     ids, mask, _ = workload.batch
 
     @jax.jit
@@ -125,15 +136,15 @@ def test_minilm_split_matches_the_plain_encoder():
 
 def test_quick_run_writes_both_files_with_finite_positive_numbers(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert bench.main(["--quick", "--models", "gpt,minilm", "--out", str(out), "--json"]) == 0
+    assert cli.main(["--quick", "--models", "gpt,minilm", "--out", str(out), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     results = json.loads((out / "bench.json").read_text())
-    scale = json.loads((out / "bench_scale.json").read_text())
-    report = (out / "bench.md").read_text()
+    planned = json.loads((out / "bench_scale.json").read_text())
+    markdown = (out / "bench.md").read_text()
     assert printed["results"] == results
     assert isinstance(results, list)
     assert [(r["model"], r["rank"]) for r in results] == [("gpt", 8), ("minilm", 8)]
-    assert results[0]["flops_lora"] == scale["rank_scaling"][1]["flops_lora"]  # r = 8 reused
+    assert results[0]["flops_lora"] == planned["rank_scaling"][1]["flops_lora"]  # r = 8 reused
     for row in results:
         for key in REQUIRED[2:]:
             value = row[key]
@@ -143,20 +154,20 @@ def test_quick_run_writes_both_files_with_finite_positive_numbers(tmp_path, caps
         assert 0 < row["ckpt_bytes_lorax_save"] < row["ckpt_bytes_full"]
         assert row["optstate_bytes_lora"] < row["optstate_bytes_full"]
         assert row["machine"]["jax"] == jax.__version__
-    assert [p["model"] for p in scale["scale_planning"]] == [
+    assert [p["model"] for p in planned["scale_planning"]] == [
         "llama2-7b", "llama2-7b", "llama2-70b", "llama2-70b"
     ]
-    assert [r["rank"] for r in scale["rank_scaling"]] == list(bench.QUICK_SWEEP)
-    assert scale["machine"]["device_kind"] == jax.devices()[0].device_kind
+    assert [r["rank"] for r in planned["rank_scaling"]] == list(ranks.QUICK_SWEEP)
+    assert planned["machine"]["device_kind"] == jax.devices()[0].device_kind
     for heading in ("## Compute", "## Memory", "## Scale planning", "## Rank scaling",
                     "## Step memory by frozen base"):
-        assert heading in report
-    memory = {(r["batch"], r["program"]): r for r in scale["memory"]}
-    assert sorted({batch for batch, _ in memory}) == [1, bench.QUICK_BATCH]
-    for batch in (1, bench.QUICK_BATCH):
+        assert heading in markdown
+    memory = {(r["batch"], r["program"]): r for r in planned["memory"]}
+    assert sorted({batch for batch, _ in memory}) == [1, workloads.QUICK_BATCH]
+    for batch in (1, workloads.QUICK_BATCH):
         assert memory[batch, "lora_f32"]["peak_over_lora_f32"] == 1.0
         assert memory[batch, "lora_nf4"]["peak_bytes"] < memory[batch, "lora_f32"]["peak_bytes"]
-    assert scale["machine"]["date"] in report
+    assert planned["machine"]["date"] in markdown
 
 
 @pytest.mark.parametrize(
@@ -170,13 +181,13 @@ def test_quick_run_writes_both_files_with_finite_positive_numbers(tmp_path, caps
 )
 def test_bad_arguments_exit_with_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        bench.main(argv)
+        cli.main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_worker_subprocess_reports_peak_rss():
-    peak = bench.run_worker("lora", "gpt", RANK, quick=True, steps=1)
+    peak = footprint.run_worker("lora", "gpt", RANK, quick=True, steps=1)
     assert 2**20 < peak < 2**40
 
 
@@ -184,15 +195,18 @@ def test_interleaved_wall_alternates_and_summarizes():
     order = []
     runners = {name: (lambda n=name: order.append(n) or jnp.zeros(())) for name in
                ("lora", "full", "frozen")}
-    times = bench.interleaved_wall(runners, steps=3, warmup=1)
+    times = timing.interleaved_wall(runners, steps=3, warmup=1)
     assert order == ["lora", "full", "frozen"] * 4
-    summary = bench.wall_summary(times)
+    summary = timing.wall_summary(times)
     assert summary["wall_steps"] == 3
     assert summary["lora_over_full_wall_min"] <= summary["lora_over_full_wall"]
     assert summary["lora_over_full_wall"] <= summary["lora_over_full_wall_max"]
 
 
-@pytest.mark.parametrize("module", [bench, gpt], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module", [workloads, steps, cost, timing, footprint, scale, ranks, report, gpt],
+    ids=lambda m: m.__name__,
+)
 def test_docstring_examples(module):
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     result = doctest.testmod(module, optionflags=flags, verbose=False)

@@ -14,7 +14,9 @@ import pytest
 from helpers import lora_nodes
 
 import lorax
-from experiments import bench, gpt, memory
+from experiments import gpt, memory
+from experiments.bench.cost import Cost, compile_step
+from experiments.bench.workloads import gpt_workload
 
 # Weight-dominated like the benchmark's model (kernels 2/3 of the f32 step's peak), smaller.
 CONFIG = gpt.GPTConfig(vocab_size=4096, d_model=512, n_layers=4, n_heads=8, d_ff=2048,
@@ -23,7 +25,7 @@ EPS = float(np.finfo(np.float32).eps)
 
 
 @pytest.fixture(scope="module")
-def costs() -> dict[str, bench.Cost]:
+def costs() -> dict[str, Cost]:
     return memory.memory_costs(CONFIG, batch_size=1, bases=("f32", "nf4", "int8"))
 
 
@@ -81,7 +83,7 @@ def _mlp_step(kind: str, dtype, layers: int = 6, d: int = 512, stacked: bool = F
 
 def _temp(*args, **kwargs) -> int:
     step, inputs = _mlp_step(*args, **kwargs)
-    return bench.compile_step(step, *inputs, fast=True)[1].temp_bytes
+    return compile_step(step, *inputs, fast=True)[1].temp_bytes
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["loop", "scan"])
@@ -159,7 +161,7 @@ def _assert_same_step(loss, q, **kwargs):
 
 @pytest.mark.parametrize(("kind", "dora"), [("nf4", False), ("int8", False), ("nf4", True)])
 def test_step_equals_the_step_on_the_dequantized_base(kind, dora):
-    workload = bench.gpt_workload(TINY, batch_size=2)
+    workload = gpt_workload(TINY, batch_size=2)
     q = _perturbed(lorax.quantize(lorax.wrap(workload.params, rank=4, dora=dora), kind))
     assert all(n.w.codes.dtype != jnp.float32 for n in lora_nodes(q))
     _assert_same_step(lorax.lora(lambda p: workload.loss(p, workload.batch)), q)
@@ -196,7 +198,7 @@ def test_per_example_gradients_share_one_dequantized_kernel():
     grad = jax.grad(lambda t, x: lorax.lora(f)(lorax.combine(t, frozen), x))
     x = jnp.asarray(rng.standard_normal((n, 2, d)), jnp.float32)
     per_example = jax.vmap(grad, in_axes=(None, 0))
-    temp = bench.compile_step(per_example, train, x, fast=True)[1].temp_bytes
+    temp = compile_step(per_example, train, x, fast=True)[1].temp_bytes
     assert temp <= 1.5 * 4 * d * d  # n = 8 kernels would be 8x
     got = per_example(train, x)
     for i in (0, n - 1):

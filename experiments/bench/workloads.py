@@ -1,0 +1,205 @@
+"""The benchmark's workloads: a model split into embed + body, its params and one batch.
+
+A :class:`Workload` holds pure functions of ``(params, batch)``: the GPT decoder
+(:func:`gpt_workload`, :mod:`experiments.gpt`) and the pretrained MiniLM encoder with a regression
+head (:func:`minilm_workload`, :mod:`experiments.bert`). The split at the embedding lets the
+benchmark differentiate with respect to the embedded input (the frozen floor, see
+:mod:`experiments.bench.steps`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import lorax
+from experiments import gpt
+
+MODELS = ("gpt", "minilm")
+"""Every model name ``--models`` accepts."""
+
+QUICK_GPT = gpt.GPTConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, d_ff=512,
+                          max_len=32)
+"""The tiny GPT of ``--quick``."""
+
+QUICK_BATCH = 2
+"""The batch size of ``--quick``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A model to benchmark, as pure functions of ``(params, batch)``.
+
+    Attributes:
+        name: The model name (``"gpt"`` or ``"minilm"``).
+        params: The plain parameter tree (float32).
+        batch: One training batch (a tuple of arrays).
+        embed: ``(params, batch) -> h``, the float activations after the embedding lookup.
+        body_loss: ``(params, h, batch) -> loss``, everything after the embedding.
+        forward: ``(params, batch) -> outputs``, the inference forward pass.
+        wrap_kwargs: Extra keyword arguments of :func:`lorax.wrap` (e.g. a ``train`` head).
+        shapes: A description of the shapes, recorded in the results.
+        config: The model's config (:class:`experiments.gpt.GPTConfig` or
+            :class:`experiments.bert.BertConfig`).
+    """
+
+    name: str
+    params: Any
+    batch: tuple[Any, ...]
+    embed: Callable[[Any, tuple[Any, ...]], jax.Array]
+    body_loss: Callable[[Any, jax.Array, tuple[Any, ...]], jax.Array]
+    forward: Callable[[Any, tuple[Any, ...]], Any]
+    wrap_kwargs: dict[str, Any]
+    shapes: dict[str, Any]
+    config: Any = None
+
+    def loss(self, params: Any, batch: tuple[Any, ...]) -> jax.Array:
+        """The training loss, ``body_loss(params, embed(params, batch), batch)``."""
+        return self.body_loss(params, self.embed(params, batch), batch)
+
+    def wrap(self, rank: int) -> Any:
+        """``lorax.wrap(params, rank, **wrap_kwargs)``: every kernel adapted at ``rank``."""
+        return lorax.wrap(self.params, rank, **self.wrap_kwargs)
+
+
+def gpt_workload(
+    config: gpt.GPTConfig = gpt.GPTConfig(),  # noqa: B008
+    batch_size: int = 8,
+    seed: int = 0,
+    abstract_params: bool = False,
+) -> Workload:
+    """The GPT decoder on a random next-token batch of ``(batch_size, config.max_len)``.
+
+    Every kernel is adapted, the vocabulary head included; embeddings stay frozen.
+
+    Args:
+        config: The model's shapes.
+        batch_size: Sequences per batch.
+        seed: Seed of the parameters and the batch.
+        abstract_params: ``jax.ShapeDtypeStruct`` params: enough for FLOP counts
+            (:func:`~experiments.bench.cost.measure_flops`), not for running steps.
+
+    Example:
+        >>> w = gpt_workload(batch_size=2, abstract_params=True)
+        >>> jax.eval_shape(w.embed, w.params, w.batch).shape
+        (2, 128, 512)
+    """
+    init_key, data_key = jax.random.split(jax.random.key(seed))
+    model, params = gpt.init(config, init_key, abstract=abstract_params)
+    batch = gpt.random_batch(config, data_key, batch_size)
+
+    def embed(params: Any, batch: tuple[Any, ...]) -> jax.Array:
+        return model.apply({"params": params}, batch[0], method="embed")
+
+    def body_loss(params: Any, h: jax.Array, batch: tuple[Any, ...]) -> jax.Array:
+        logits = model.apply({"params": params}, h, method="decode")
+        return gpt.next_token_loss(logits, batch[1])
+
+    def forward(params: Any, batch: tuple[Any, ...]) -> jax.Array:
+        return model.apply({"params": params}, batch[0])
+
+    shapes = {**dataclasses.asdict(config), "batch": batch_size, "seq": config.max_len}
+    return Workload("gpt", params, batch, embed, body_loss, forward, {}, shapes, config)
+
+
+def minilm_workload(
+    batch_size: int = 8, seq_len: int = 128, config: Any = None, seed: int = 0
+) -> Workload:
+    """The pretrained all-MiniLM-L6-v2 encoder with a fresh regression head on the mean pool.
+
+    The head (``head/kernel`` ``(d, 1)`` and ``head/bias``) is new, so it is trained in full
+    (``train="^head/"``); every encoder kernel is adapted. The loss is the mean squared error
+    against random targets on a random batch of ``(batch_size, seq_len)`` token ids.
+
+    Args:
+        batch_size: Sentences per batch.
+        seq_len: Tokens per sentence.
+        config: A :class:`experiments.bert.BertConfig` for a randomly initialised encoder (tests,
+            ``--quick``); ``None`` loads the pretrained weights.
+        seed: Seed of the head, the data and (with ``config``) the encoder.
+
+    Returns:
+        The workload; its ``params`` are ``{"bert": <BertModel params>, "head": {...}}``.
+    """
+    import flax.linen as nn
+
+    from experiments import bert
+
+    keys = jax.random.split(jax.random.key(seed), 4)
+    pretrained = config is None
+    if pretrained:
+        model, bert_params, _ = bert.load_pretrained(max_length=seq_len)
+        config = model.config
+    else:
+        ids = jnp.zeros((1, seq_len), jnp.int32)
+        bert_params = jax.jit(bert.BertModel(config).init)(keys[0], ids, ids)["params"]
+    head = nn.Dense(1, name="head")
+    head_params = head.init(keys[1], jnp.zeros((1, config.hidden_size)))["params"]
+    params = {"bert": bert_params, "head": head_params}
+    input_ids = jax.random.randint(keys[2], (batch_size, seq_len), 0, config.vocab_size, jnp.int32)
+    mask = jnp.ones((batch_size, seq_len), jnp.int32)
+    targets = jax.random.normal(keys[3], (batch_size,), jnp.float32)
+    batch = (input_ids, mask, targets)
+    embeddings, encoder = bert.BertEmbeddings(config), bert.BertEncoder(config)
+
+    def embed(params: Any, batch: tuple[Any, ...]) -> jax.Array:
+        ids = batch[0]
+        return embeddings.apply(
+            {"params": params["bert"]["embeddings"]}, ids, jnp.zeros_like(ids), True
+        )
+
+    def predict(params: Any, h: jax.Array, mask: jax.Array) -> jax.Array:
+        key_mask = nn.make_attention_mask(jnp.ones_like(mask), mask, dtype=jnp.bool_)
+        hidden = encoder.apply({"params": params["bert"]["encoder"]}, h, key_mask, True)
+        pooled = bert.mean_pool(hidden, mask)
+        return head.apply({"params": params["head"]}, pooled)[:, 0]
+
+    def body_loss(params: Any, h: jax.Array, batch: tuple[Any, ...]) -> jax.Array:
+        return jnp.mean((predict(params, h, batch[1]) - batch[2]) ** 2)
+
+    def forward(params: Any, batch: tuple[Any, ...]) -> jax.Array:
+        return predict(params, embed(params, batch), batch[1])
+
+    shapes = {
+        "d_model": config.hidden_size,
+        "n_layers": config.num_hidden_layers,
+        "n_heads": config.num_attention_heads,
+        "d_ff": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "batch": batch_size,
+        "seq": seq_len,
+        "pretrained": pretrained,
+    }
+    return Workload("minilm", params, batch, embed, body_loss, forward,
+                    {"train": "^head/"}, shapes, config)
+
+
+def make_workload(name: str, quick: bool = False) -> Workload:
+    """The benchmark's workload ``name`` at full size, or tiny with ``quick``.
+
+    Args:
+        name: One of :data:`MODELS`.
+        quick: Tiny shapes (random-init MiniLM-shaped encoder, tiny GPT) for smoke runs.
+
+    Returns:
+        The workload.
+
+    Raises:
+        ValueError: For an unknown name.
+    """
+    if name == "gpt":
+        return gpt_workload(QUICK_GPT, QUICK_BATCH) if quick else gpt_workload()
+    if name == "minilm":
+        if not quick:
+            return minilm_workload()
+        from experiments import bert
+
+        tiny = bert.BertConfig(vocab_size=512, hidden_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=384,
+                               max_position_embeddings=32)
+        return minilm_workload(QUICK_BATCH, 32, tiny)
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
