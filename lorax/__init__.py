@@ -21,16 +21,16 @@ from lorax.config import LoRAConfig
 from lorax.infer import infer_axes
 from lorax.interpreter import lora
 from lorax.lora_value import LoRAFallbackWarning
-from lorax.merge import merge, unmerge
+from lorax.merging import merge, unmerge
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_lora
-from lorax.optimizer import optimizer
+from lorax.optimizers import optimizer
 from lorax.partition import combine, split, trainable, value_and_grad
 from lorax.quantization import quantize
 from lorax.quantized import QuantizedArray
 from lorax.sharding import factor_specs, partition_specs, shardings
-from lorax.summary import Summary, summary
+from lorax.summaries import Summary, summary
 from lorax.version import __version__ as __version__
-from lorax.wrap import unwrap, wrap
+from lorax.wrapping import unwrap, wrap
 
 __all__ = [
     "CheckpointManager",

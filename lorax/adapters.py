@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from lorax.node import Factors, LoRA, MultiLoRA, is_adapted, is_node
 from lorax.paths import paired_leaves
-from lorax.wrap import unwrap, wrap
+from lorax.wrapping import unwrap, wrap
 
 METHODS = ("linear", "cat", "svd")
 DEFAULT = "default"
