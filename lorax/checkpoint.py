@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lorax.node import FullyTrained, is_adapted, is_array_like, is_node
+from lorax.node import FullyTrained, LoRA, is_adapted, is_array_like, is_node
 from lorax.partition import combine, split
 from lorax.paths import check_tree, path_str
 from lorax.version import __version__
@@ -91,6 +91,45 @@ def _mismatches(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
                 else:
                     problems.append(f"{path}: {what} saved {have[path]} vs expected {want[path]}")
     return problems
+
+
+def wrapped_like(meta: dict[str, Any], params: Any, where: str = "the checkpoint") -> Any:
+    """The wrapped tree a checkpoint describes, built on the plain base ``params``: a LoRA
+    node (abstract factors) for each saved kernel, a box for each ``train`` leaf.
+
+    This is what lets ``lorax.restore(directory, base_params)`` restore without repeating the
+    ``wrap`` settings. Named adapters (``lorax.add_adapter``) and PiSSA factors (which belong
+    to a residual base, not to ``params``) need the wrapped tree itself.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> lp = lorax.wrap({"kernel": jnp.ones((4, 4))}, rank=2, alpha=4.0)
+        >>> node = wrapped_like(describe(lp), {"kernel": jnp.ones((4, 4))})["kernel"]
+        >>> node.rank, node.scale, node.a.shape
+        (2, 2.0, (4, 2))
+    """
+    kernels, trained = meta["kernels"], meta["trained"]
+    for key, entry in kernels.items():
+        if key.endswith("]") or entry.get("residual"):
+            kind = "named adapters" if key.endswith("]") else "PiSSA factors"
+            raise ValueError(f"{where} holds {kind} at {key!r}: restore into the wrapped tree "
+                             "(`like` from lorax.add_adapter / lorax.wrap(..., init='pissa')), "
+                             "not into plain params")
+
+    def build(keypath: Any, leaf: Any) -> Any:
+        path = path_str(keypath)
+        if path in trained:
+            return FullyTrained(leaf)
+        if path not in kernels:
+            return leaf
+        k = kernels[path]
+        spec = {name: jax.ShapeDtypeStruct(tuple(k[name][0]), k[name][1])
+                for name in ("a", "b", "magnitude") if name in k}
+        return LoRA(w=leaf, a=spec["a"], b=spec["b"], magnitude=spec.get("magnitude"),
+                    scale=k["scale"], rank=k["rank"], n_stack=k["n_stack"], n_in=k["n_in"],
+                    path=path, dropout=k["dropout"], layout=k.get("layout"))
+
+    return jax.tree_util.tree_map_with_path(build, params)
 
 
 def _abstract(tree: Any) -> Any:
@@ -168,7 +207,9 @@ class CheckpointManager:
 
         Args:
             like: the wrapped tree to fill (its frozen W are kept; its factors' shardings, if
-                any, are where the saved factors are placed).
+                any, are where the saved factors are placed), or the plain base params: the
+                saved metadata then says which kernels are adapted and how
+                (:func:`wrapped_like`).
             step: which step; the latest when ``None``.
             opt_state: a like-tree (e.g. ``tx.init(...)``) to restore the optimizer state into.
             extra: a like-tree for the saved ``extra`` item.
@@ -190,6 +231,8 @@ class CheckpointManager:
         saved = self._read(step, {_META: ocp.args.JsonRestore()}, where)[_META]
         if saved.get("format") != FORMAT:
             raise ValueError(f"{where} is not a lorax checkpoint of format {FORMAT}")
+        if not any(is_node(x) for x in jax.tree.leaves(like, is_leaf=is_node)):
+            like = wrapped_like(saved, like, where)
         problems = _mismatches(saved, describe(like))
         if problems:
             raise CheckpointMismatchError(
@@ -292,9 +335,10 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
             extra: Any = None) -> Any:
     """Returns ``like`` with its adapters replaced by the saved ones (latest step by default).
 
-    With ``extra`` (a like-tree), returns ``(tree, extra)``. Raises
-    :class:`CheckpointMismatchError` listing every path whose rank, axes, shape or dtype
-    differs, or that exists on one side only.
+    ``like`` is the wrapped tree to fill, or the plain base params, which the saved metadata
+    wraps as it was (:func:`wrapped_like`). With ``extra`` (a like-tree), returns
+    ``(tree, extra)``. Raises :class:`CheckpointMismatchError` listing every path whose rank,
+    axes, shape or dtype differs, or that exists on one side only.
 
     Example:
         >>> import tempfile, jax.numpy as jnp, lorax
@@ -302,6 +346,8 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
         >>> directory = tempfile.mkdtemp()
         >>> _ = lorax.save(directory, lorax.wrap(params, rank=2))
         >>> lorax.restore(directory, lorax.wrap(params, rank=2))["kernel"].rank
+        2
+        >>> lorax.restore(directory, params)["kernel"].rank  # the settings come from disk
         2
         >>> lorax.restore(directory, lorax.wrap(params, rank=1))
         Traceback (most recent call last):

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax.node import FullyTrained, LoRA, MultiLoRA, is_adapted, is_lora, is_node
+from lorax.node import FullyTrained, is_adapted, is_node
 from lorax.paths import check_tree, paired_leaves
 
 
@@ -76,28 +76,20 @@ def unmerge(merged: Any, tree: Any) -> Any:
                 f"expected `merged` leaf of shape {list(node_shape(node))} at {where!r}, got "
                 f"{list(value.shape)}"
             )
-        if isinstance(node, MultiLoRA):
-            single = node.as_lora()
-            w = value if single is None else (
-                jnp.asarray(value, jnp.float32) - single.delta(jnp.float32)).astype(node.dtype)
+        if is_adapted(node):
+            single = node.as_lora()  # a MultiLoRA's active adapters (None when none is)
+            w = value
+            if single is not None:
+                w = jnp.asarray(value, jnp.float32)
+                if single.magnitude is not None:
+                    w = w / single.dora_columns()
+                w = (w - single.delta(jnp.float32)).astype(node.dtype)
             out.append(dataclasses.replace(node, w=w))
-        elif is_lora(node):
-            w = jnp.asarray(value, jnp.float32)
-            if node.magnitude is not None:
-                w = w / _column_layout(node, node.dora_factor())
-            w = w - node.delta(jnp.float32)
-            out.append(dataclasses.replace(node, w=w.astype(node.dtype)))
         elif isinstance(node, FullyTrained):
             out.append(FullyTrained(value))
         else:
             out.append(value)
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _column_layout(node: LoRA, f: jax.Array) -> jax.Array:
-    # (*stack, *out) -> (*stack, 1..., *out) in w's layout, broadcastable against the kernel.
-    f = jnp.reshape(f, (*node.stack_shape, *(1,) * node.n_in, *node.out_shape))
-    return node.from_canonical(f)
 
 
 def node_shape(node: Any) -> tuple[int, ...]:

@@ -233,10 +233,15 @@ class LoRA(KernelAxes):
         w32 = jnp.asarray(self.float_w(), jnp.float32)
         v = w32 + self.delta(jnp.float32)
         if self.magnitude is not None:
-            f = jnp.reshape(self.dora_factor(),
-                            (*self.stack_shape, *(1,) * self.n_in, *self.out_shape))
-            v = v * self.from_canonical(f)
+            v = v * self.dora_columns()
         return v.astype(self.dtype)
+
+    def dora_columns(self) -> jax.Array:
+        """:meth:`dora_factor` laid out like ``w``: ``(*stack, 1..., *out)`` in ``w``'s axis
+        order, so it broadcasts against the kernel."""
+        f = jnp.reshape(self.dora_factor(),
+                        (*self.stack_shape, *(1,) * self.n_in, *self.out_shape))
+        return self.from_canonical(f)
 
 
 @jax.tree_util.register_dataclass

@@ -89,6 +89,39 @@ def test_save_restore_functions_and_extra(tmp_path):
     assert _same_bits(old["mlp"]["kernel"].b, lp["mlp"]["kernel"].b)
 
 
+def test_restore_into_plain_params_rebuilds_the_wrap_from_metadata(tmp_path):
+    # Ranks, scales, a non-canonical layout (Gemma's q_einsum), DoRA and `train` leaves all
+    # come from the saved metadata; the result equals restoring into the wrapped tree.
+    params = {**_params(), "q_einsum": {"w": jax.random.normal(jax.random.key(3), (4, 32, 8))}}
+    lp = lorax.wrap(params, rank=4, rank_pattern={"mlp": 2}, alpha_pattern={"attn": 3.0},
+                    train="^head/", dora=True, rslora=True, dropout=0.1)
+    lp = _trained(lp)
+    lorax.save(tmp_path, lp)
+    got = lorax.restore(tmp_path, params)
+    want = lorax.restore(tmp_path, lorax.wrap(params, rank=4, rank_pattern={"mlp": 2},
+                                              alpha_pattern={"attn": 3.0}, train="^head/",
+                                              dora=True, rslora=True, dropout=0.1))
+    assert jax.tree.structure(got) == jax.tree.structure(want)  # static fields included
+    pairs = zip(jax.tree.leaves(got), jax.tree.leaves(lp), strict=True)
+    assert all(_same_bits(a, b) for a, b in pairs)
+    assert got["q_einsum"]["w"].layout == "oio" and got["mlp"]["kernel"].rank == 2
+    assert got["mlp"]["kernel"].w is params["mlp"]["kernel"]
+
+
+def test_restore_into_plain_params_refuses_what_metadata_cannot_rebuild(tmp_path):
+    params = _params()
+    lorax.save(tmp_path / "named", lorax.add_adapter(params, "fr", rank=1, targets="attn"))
+    with pytest.raises(ValueError, match="named adapters at 'attn/query/kernel\\[fr\\]'"):
+        lorax.restore(tmp_path / "named", params)
+    lorax.save(tmp_path / "pissa", lorax.wrap(params, rank=1, init="pissa"))
+    with pytest.raises(ValueError, match="PiSSA factors at .*restore into the wrapped tree"):
+        lorax.restore(tmp_path / "pissa", params)
+    lorax.save(tmp_path / "plain", lorax.wrap(params, rank=1))
+    other = {**params, "mlp": {"kernel": jnp.ones((32, 65))}}  # not the base it was saved on
+    with pytest.raises(lorax.CheckpointMismatchError, match="mlp/kernel"):
+        lorax.restore(tmp_path / "plain", other)
+
+
 def test_only_adapters_reach_disk(tmp_path):
     big = {"layer": {"kernel": jnp.ones((1024, 1024))}}  # 4 MiB base kernel
     lp = _trained(lorax.wrap(big, rank=8))
