@@ -24,6 +24,7 @@ import optax
 
 import lorax
 from experiments import bert, data
+from experiments.tokenization import tokenize
 from lorax.paths import path_str
 
 # Named groups of MiniLM kernels; a target set is a comma-separated list of these names.
@@ -108,7 +109,7 @@ class Task(NamedTuple):
 
 def tokenize_task(tokenizer: Any, splits: tuple[data.Dataset, ...], max_length: int) -> Task:
     """Tokenizes the splits to one fixed length (one compiled step shape for every batch)."""
-    encoded = [bert.tokenize(tokenizer, s.texts, max_length) for s in splits]
+    encoded = [tokenize(tokenizer, s.texts, max_length) for s in splits]
     length = max(e["input_ids"].shape[1] for e in encoded)
     length = int(math.ceil(length / 4) * 4)
 
