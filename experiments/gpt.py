@@ -1,10 +1,11 @@
-"""A small GPT-style decoder in Flax Linen, the benchmark's first model.
+"""A small GPT-style decoder in Flax Linen: the benchmark's first model, the model that
+:mod:`experiments.train_distributed` trains, and the one ``tests/test_cost.py`` compiles.
 
 Pre-LN transformer: token + learned position embeddings, ``n_layers`` blocks of causal
 ``nn.MultiHeadDotProductAttention`` and a GELU feed-forward network, a final LayerNorm and an
 untied vocabulary head (``nn.Dense`` without bias). The defaults (4 layers, ``d = 512``, 8 heads,
 FFN 2048, vocabulary 8192, sequence 128) are those of the benchmark; :class:`GPTConfig` lets tests
-shrink them.
+and the CPU-sized distributed run shrink them.
 
 The model is split in two so a benchmark can differentiate with respect to the embedded input
 (a float array) instead of the integer tokens: :meth:`GPT.embed` maps tokens to activations and

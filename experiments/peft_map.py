@@ -1,8 +1,8 @@
 """The :mod:`lorax.peft` name map of the Flax BERT in :mod:`experiments.bert`.
 
 Every :class:`~experiments.bert.BertModel` leaf maps to its Hugging Face ``BertModel`` module and
-parameter, with the layout conversions of :func:`experiments.bert.to_torch` /
-:func:`~experiments.bert.to_flax` (used for leaves trained in full, PEFT's
+parameter, with the layout conversions of :func:`experiments.hf_bert.to_torch` /
+:func:`~experiments.hf_bert.to_flax` (used for leaves trained in full, PEFT's
 ``modules_to_save``). The q/k/v kernels ``(d, heads, head_dim)`` and the attention output
 kernel ``(heads, head_dim, d)`` need nothing special for LoRA: they flatten to PyTorch's
 ``Linear`` layout by themselves (see :mod:`lorax.peft`).
@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import functools
 
-from experiments.bert import BertConfig, hf_name_map, to_flax, to_torch
+from experiments.bert import BertConfig
+from experiments.hf_bert import hf_name_map, to_flax, to_torch
 from lorax.peft import TorchParam
 
 

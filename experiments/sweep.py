@@ -175,7 +175,7 @@ def lrs_for(grids: dict[str, tuple[float, ...]], method: str) -> tuple[float, ..
 
 
 def _load_task(args):
-    from experiments import bert, data, train
+    from experiments import data, hf_bert, train
 
     if args.data is not None:
         dataset = data.load_table(args.data, args.text_col, args.label_col)
@@ -187,7 +187,7 @@ def _load_task(args):
             f"{dataset.name}: {len(dataset)} examples are too few for an 80/10/10 split with "
             f"--batch-size {args.batch_size}"
         )
-    model, params, tokenizer = bert.load_pretrained(max_length=args.max_length)
+    model, params, tokenizer = hf_bert.load_pretrained(max_length=args.max_length)
     task = train.tokenize_task(tokenizer, splits, args.max_length)
     return dataset, splits, train.SentimentRegressor(model.config), params, task
 
@@ -266,7 +266,7 @@ def load_run(out: str, method: str, rank: int | None, targets: str | None,
     validation (:func:`chosen_runs`).
     """
     import lorax
-    from experiments import bert, train
+    from experiments import hf_bert, train
 
     name = run_name(method, rank, targets)
     if seed is None or lr is None:
@@ -278,7 +278,7 @@ def load_run(out: str, method: str, rank: int | None, targets: str | None,
                          f"experiments.sweep first (with --ranks {rank} --targets {targets})")
     with open(config_path) as f:
         config = json.load(f)
-    model, params, _ = bert.load_pretrained(max_length=config["max_length"])
+    model, params, _ = hf_bert.load_pretrained(max_length=config["max_length"])
     cfg = train.TrainConfig(alpha=config["alpha"], rslora=config["rslora"], seed=seed, lr=lr)
     regressor = train.SentimentRegressor(model.config)
     like = train.build_tree(method, with_head(regressor, params, seed), rank, targets, cfg)

@@ -24,6 +24,7 @@ import optax
 
 import lorax
 from experiments import bert, data
+from experiments.tokenization import tokenize
 from lorax.paths import path_str
 
 # Named groups of MiniLM kernels; a target set is a comma-separated list of these names.
@@ -108,7 +109,7 @@ class Task(NamedTuple):
 
 def tokenize_task(tokenizer: Any, splits: tuple[data.Dataset, ...], max_length: int) -> Task:
     """Tokenizes the splits to one fixed length (one compiled step shape for every batch)."""
-    encoded = [bert.tokenize(tokenizer, s.texts, max_length) for s in splits]
+    encoded = [tokenize(tokenizer, s.texts, max_length) for s in splits]
     length = max(e["input_ids"].shape[1] for e in encoded)
     length = int(math.ceil(length / 4) * 4)
 
@@ -211,14 +212,14 @@ def _compiled(model: SentimentRegressor, cfg: TrainConfig) -> tuple[Any, Callabl
         tx = lorax.optimizer(optax.adamw(unit, weight_decay=cfg.weight_decay))
         forward = lorax.lora(model.apply)
 
+        def loss_fn(params, ids, mask, y):
+            pred = forward({"params": params}, ids, mask, jnp.zeros_like(ids))
+            return jnp.mean((pred - y) ** 2)
+
         @jax.jit
         def step(trainable, frozen, opt_state, lr, ids, mask, y):
-            def loss_fn(t):
-                pred = forward({"params": lorax.combine(t, frozen)}, ids, mask,
-                               jnp.zeros_like(ids))
-                return jnp.mean((pred - y) ** 2)
-
-            loss, grads = jax.value_and_grad(loss_fn)(trainable)
+            loss, grads = lorax.value_and_grad(loss_fn)(lorax.combine(trainable, frozen), ids,
+                                                        mask, y)
             updates, opt_state = tx.update(grads, opt_state, trainable)
             updates = jax.tree.map(lambda u: lr * u, updates)
             return optax.apply_updates(trainable, updates), opt_state, loss

@@ -1,6 +1,6 @@
 """Multi-host LoRA training with ``jax.distributed``: one process per host, one global Mesh.
 
-A small causal Transformer LM (Flax Linen) is initialised directly sharded, wrapped with
+The GPT decoder of :mod:`experiments.gpt`, CPU-sized, is initialised directly sharded, wrapped with
 :func:`lorax.wrap` (the factors land on the shardings of their kernels), and its adapters are
 trained on synthetic token sequences; each process feeds only the rows of the global batch that
 live on its own devices. Adapters and optimizer state are checkpointed with
@@ -11,8 +11,8 @@ The mesh axes say how the base model is sharded:
 
 * ``data``: the batch is split over it (and over ``fsdp``); parameters are replicated.
 * ``fsdp``: every kernel is sharded along its largest divisible axis (ZeRO-3 / FSDP).
-* ``model``: Megatron tensor parallelism: attention q/k/v and the MLP ``up`` projection are
-  column-sharded, the attention ``out`` and the MLP ``down`` projection row-sharded.
+* ``model``: Megatron tensor parallelism: attention q/k/v and the FFN input projection
+  (``ffn_in``) are column-sharded, the attention ``out`` and ``ffn_out`` row-sharded.
 
 The factors follow their kernel's spec (:func:`lorax.factor_specs`): ``a`` keeps the kernel's
 input-axis sharding, ``b`` its output-axis sharding, the rank axis is never split.
@@ -67,7 +67,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,11 +74,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lorax
+from experiments import gpt
 from lorax.paths import path_str
 
 EVENT = "lorax-event"
-# Adapted kernels: attention projections and the MLP (not the embedding or the LM head).
-TARGETS = (r"attn/(query|key|value|out)/kernel$", r"mlp_(up|down)/kernel$")
+# Adapted kernels: attention projections and the FFN (not the embeddings or the LM head).
+TARGETS = (r"attn/(query|key|value|out)/kernel$", r"ffn_(in|out)/kernel$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,62 +100,16 @@ class Config:
     steps: int = 6
     seed: int = 0
 
+    def model_config(self) -> gpt.GPTConfig:
+        """The :class:`experiments.gpt.GPT` these settings describe (positions up to
+        ``seq_len``).
 
-class Block(nn.Module):
-    """Pre-LayerNorm Transformer block: causal self-attention and a GELU MLP."""
-
-    heads: int
-    d_ff: int
-
-    @nn.compact
-    def __call__(self, h: jax.Array) -> jax.Array:
-        mask = nn.make_causal_mask(jnp.ones(h.shape[:2], jnp.bool_))
-        x = nn.LayerNorm(name="ln_attn")(h)
-        h = h + nn.MultiHeadDotProductAttention(self.heads, deterministic=True, name="attn")(
-            x, mask=mask
-        )
-        x = nn.LayerNorm(name="ln_mlp")(h)
-        x = nn.gelu(nn.Dense(self.d_ff, name="mlp_up")(x))
-        return h + nn.Dense(h.shape[-1], name="mlp_down")(x)
-
-
-class TinyLM(nn.Module):
-    """A causal LM: token embedding, ``layers`` blocks, final LayerNorm and a linear head.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> model = TinyLM(Config(layers=1))
-        >>> variables = model.init(jax.random.key(0), jnp.zeros((2, 16), jnp.int32))
-        >>> model.apply(variables, jnp.zeros((2, 16), jnp.int32)).shape
-        (2, 16, 64)
-    """
-
-    config: Config
-
-    def setup(self) -> None:
-        c = self.config
-        self.embed = nn.Embed(c.vocab, c.d_model)
-        self.blocks = [Block(c.heads, c.d_ff) for _ in range(c.layers)]
-        self.ln_f = nn.LayerNorm()
-        self.head = nn.Dense(c.vocab)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        return self.decode(self.embed_tokens(tokens))
-
-    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        """Token ids to embeddings ``(batch, seq, d_model)``."""
-        return self.embed(tokens)
-
-    def decode(self, h: jax.Array) -> jax.Array:
-        """Embeddings to next-token logits."""
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.ln_f(h))
-
-
-def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+        Example:
+            >>> Config(layers=1).model_config().n_layers
+            1
+        """
+        return gpt.GPTConfig(vocab_size=self.vocab, d_model=self.d_model, n_layers=self.layers,
+                             n_heads=self.heads, d_ff=self.d_ff, max_len=self.seq_len)
 
 
 def batch_rows(config: Config, step: int, rows: range) -> np.ndarray:
@@ -221,9 +175,9 @@ def _tp_axis(path: str, ndim: int) -> int | None:
         return 1  # (d, heads, head_dim): column-parallel over heads
     if re.search(r"attn/out/kernel$", path):
         return 0  # (heads, head_dim, d): row-parallel over heads
-    if re.search(r"mlp_up/kernel$", path):
+    if re.search(r"ffn_in/kernel$", path):
         return ndim - 1  # column-parallel
-    if re.search(r"mlp_down/kernel$", path):
+    if re.search(r"ffn_out/kernel$", path):
         return 0  # row-parallel
     return None
 
@@ -232,14 +186,13 @@ def param_specs(params: Any, mesh: Mesh) -> Any:
     """PartitionSpecs for the base parameters on ``mesh`` (see the module docstring).
 
     Example:
-        >>> import jax, jax.numpy as jnp
+        >>> import jax
         >>> mesh = make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1])
-        >>> variables = jax.eval_shape(TinyLM(Config(layers=1)).init, jax.random.key(0),
-        ...                            jnp.zeros((1, 16), jnp.int32))
-        >>> specs = param_specs(variables["params"], mesh)
+        >>> _, params = gpt.init(Config(layers=1).model_config(), jax.random.key(0), abstract=True)
+        >>> specs = param_specs(params, mesh)
         >>> specs["blocks_0"]["attn"]["query"]["kernel"]  # model on heads, fsdp on d_model
         P('fsdp', 'model', None)
-        >>> specs["blocks_0"]["mlp_down"]["kernel"]
+        >>> specs["blocks_0"]["ffn_out"]["kernel"]
         P('model', 'fsdp')
     """
 
@@ -272,7 +225,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     return lorax.optimizer(inner)
 
 
-def make_train_step(model: TinyLM, tx: optax.GradientTransformation,
+def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
                     axis_name: str | None = None) -> Callable:
     """``step(train, frozen, opt_state, tokens) -> (train, opt_state, loss)``.
 
@@ -280,11 +233,14 @@ def make_train_step(model: TinyLM, tx: optax.GradientTransformation,
     a jitted step never copies the frozen W. With ``axis_name`` (``pmap``/``shard_map``), the
     loss and the factor gradients are averaged over that axis with ``lax.pmean``.
     """
-    loss_fn = lorax.lora(lambda p, tokens: lm_loss(model.apply({"params": p}, tokens), tokens))
+
+    @lorax.lora
+    def loss_fn(params, tokens):  # next-token prediction: position t predicts token t + 1
+        logits = model.apply({"params": params}, tokens)
+        return gpt.next_token_loss(logits[:, :-1], tokens[:, 1:])
 
     def step(train, frozen, opt_state, tokens):
-        loss, grads = jax.value_and_grad(
-            lambda t: loss_fn(lorax.combine(t, frozen), tokens))(train)
+        loss, grads = lorax.value_and_grad(loss_fn)(lorax.combine(train, frozen), tokens)
         if axis_name is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
         updates, opt_state = tx.update(grads, opt_state, train)
@@ -318,7 +274,7 @@ def state_shardings(state: Any, param_sharding: Any, other: NamedSharding) -> An
 class Run:
     """A wrapped, sharded model ready to train."""
 
-    model: TinyLM
+    model: gpt.GPT
     mesh: Mesh
     train: Any
     frozen: Any
@@ -337,7 +293,7 @@ def setup(config: Config, mesh: Mesh) -> Run:
         >>> run.train["blocks_0"]["attn"]["query"]["kernel"].a.shape
         (64, 2)
     """
-    model = TinyLM(config)
+    model = gpt.GPT(config.model_config())
     tokens = jnp.zeros((config.batch_size, config.seq_len), jnp.int32)
     key = jax.random.key(config.seed)
     abstract = jax.eval_shape(model.init, key, tokens)
@@ -407,7 +363,7 @@ def train(config: Config, mesh: Mesh, ckpt_dir: str | None = None, *, save_every
         >>> tree = train(cfg, make_mesh({"data": 1}, jax.devices()[:1]), log_every=0)
         lorax-event {"event": "start", "process": 0, "devices": 1, "processes": 1, ...}
         lorax-event {"event": "done", "process": 0, "step": 2, "checksum": ...}
-        >>> tree["blocks_0"]["mlp_up"]["kernel"].b.shape
+        >>> tree["blocks_0"]["ffn_in"]["kernel"].b.shape
         (2, 256)
     """
     run = setup(config, mesh)

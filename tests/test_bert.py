@@ -16,7 +16,8 @@ import pytest
 from flax import traverse_util
 from safetensors import safe_open
 
-from experiments import bert
+from experiments import bert, hf_bert
+from experiments.tokenization import tokenize
 
 FIXTURE = pathlib.Path(bert.__file__).resolve().parent / "fixtures" / "minilm_reference.npz"
 
@@ -39,7 +40,7 @@ def reference() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def pretrained():
-    return bert.load_pretrained(max_length=128)
+    return hf_bert.load_pretrained(max_length=128)
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +66,18 @@ def tiny_apply():
 @pytest.fixture(scope="module")
 def tiny_params():
     """Random params for TINY, loaded through the HF converter (cheaper than ``init``)."""
-    return bert.params_from_hf_state_dict(_tiny_hf_state(TINY), TINY)
+    return hf_bert.params_from_hf_state_dict(_tiny_hf_state(TINY), TINY)
 
 
 def _tiny_hf_state(config: bert.BertConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """A random HF-layout state dict for ``config``, with a pooler and position_ids as in HF."""
     rng = np.random.default_rng(seed)
-    shapes = bert.param_shapes(config)
+    shapes = hf_bert.param_shapes(config)
     state = {
         row.torch_name: rng.standard_normal(
-            bert.torch_shape(row.kind, shapes[row.flax_path])
+            hf_bert.torch_shape(row.kind, shapes[row.flax_path])
         ).astype(np.float32)
-        for row in bert.hf_name_map(config)
+        for row in hf_bert.hf_name_map(config)
     }
     state["pooler.dense.weight"] = np.zeros((config.hidden_size, config.hidden_size), np.float32)
     state["pooler.dense.bias"] = np.zeros((config.hidden_size,), np.float32)
@@ -89,7 +90,7 @@ def _tiny_hf_state(config: bert.BertConfig, seed: int = 0) -> dict[str, np.ndarr
 
 def test_tokenizer_reproduces_reference_ids(pretrained, reference):
     _, _, tokenizer = pretrained
-    batch = bert.tokenize(tokenizer, [str(text) for text in reference["sentences"]])
+    batch = tokenize(tokenizer, [str(text) for text in reference["sentences"]])
     for name in ("input_ids", "attention_mask", "token_type_ids"):
         assert batch[name].dtype == np.int32
         np.testing.assert_array_equal(batch[name], reference[name], err_msg=name)
@@ -137,9 +138,9 @@ def test_pretrained_params_are_float32_with_documented_shapes(pretrained):
 
 
 def test_name_map_covers_packaged_checkpoint():
-    with safe_open(str(bert.model_resource("model.safetensors")), framework="numpy") as handle:
+    with safe_open(str(hf_bert.model_resource("model.safetensors")), framework="numpy") as handle:
         names = set(handle.keys())
-    mapped = {row.torch_name for row in bert.hf_name_map(bert.BertConfig())}
+    mapped = {row.torch_name for row in hf_bert.hf_name_map(bert.BertConfig())}
     assert mapped <= names
     assert names - mapped == {
         "embeddings.position_ids",
@@ -151,17 +152,17 @@ def test_name_map_covers_packaged_checkpoint():
 def test_embed_sentences_handles_empty_and_single_string(pretrained):
     model, params, tokenizer = pretrained
     assert bert.embed_sentences(model, params, tokenizer, []).shape == (0, 384)
-    assert bert.tokenize(tokenizer, [])["input_ids"].shape == (0, 0)
-    assert bert.tokenize(tokenizer, "hello")["input_ids"].tolist() == [[101, 7592, 102]]
+    assert tokenize(tokenizer, [])["input_ids"].shape == (0, 0)
+    assert tokenize(tokenizer, "hello")["input_ids"].tolist() == [[101, 7592, 102]]
 
 
 def test_tokenize_truncates_to_requested_length():
-    tokenizer = bert.load_tokenizer(max_length=8)
-    batch = bert.tokenize(tokenizer, ["one two three four five six seven eight nine ten", "hi"])
+    tokenizer = hf_bert.load_tokenizer(max_length=8)
+    batch = tokenize(tokenizer, ["one two three four five six seven eight nine ten", "hi"])
     assert batch["input_ids"].shape == (2, 8)
     assert batch["input_ids"][0, -1] == 102  # [SEP] survives truncation
     assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
-    assert bert.tokenize(tokenizer, ["a b c d e f g h i j"], max_length=5)["input_ids"].shape == (
+    assert tokenize(tokenizer, ["a b c d e f g h i j"], max_length=5)["input_ids"].shape == (
         1,
         5,
     )
@@ -171,28 +172,28 @@ def test_tokenize_truncates_to_requested_length():
 
 
 def test_name_map_matches_module_tree_exactly():
-    table = bert.hf_name_map(TINY)
+    table = hf_bert.hf_name_map(TINY)
     flax_paths = [row.flax_path for row in table]
     torch_names = [row.torch_name for row in table]
     assert len(set(flax_paths)) == len(flax_paths)
     assert len(set(torch_names)) == len(torch_names)
-    assert set(flax_paths) == set(bert.param_shapes(TINY))
-    assert {row.kind for row in table} == set(bert.KINDS)
+    assert set(flax_paths) == set(hf_bert.param_shapes(TINY))
+    assert {row.kind for row in table} == set(hf_bert.KINDS)
     assert {row.torch_param for row in table} == {"weight", "bias"}
 
 
-@pytest.mark.parametrize("kind", bert.KINDS)
+@pytest.mark.parametrize("kind", hf_bert.KINDS)
 def test_conversions_round_trip(kind):
     rng = np.random.default_rng(0)
-    row = next(row for row in bert.hf_name_map(TINY) if row.kind == kind)
-    flax_shape = bert.param_shapes(TINY)[row.flax_path]
-    torch_array = rng.standard_normal(bert.torch_shape(kind, flax_shape)).astype(np.float32)
-    flax_array = bert.to_flax(kind, torch_array, TINY)
+    row = next(row for row in hf_bert.hf_name_map(TINY) if row.kind == kind)
+    flax_shape = hf_bert.param_shapes(TINY)[row.flax_path]
+    torch_array = rng.standard_normal(hf_bert.torch_shape(kind, flax_shape)).astype(np.float32)
+    flax_array = hf_bert.to_flax(kind, torch_array, TINY)
     assert flax_array.shape == flax_shape
-    np.testing.assert_array_equal(bert.to_torch(kind, flax_array, TINY), torch_array)
+    np.testing.assert_array_equal(hf_bert.to_torch(kind, flax_array, TINY), torch_array)
     flax_random = rng.standard_normal(flax_shape).astype(np.float32)
     np.testing.assert_array_equal(
-        bert.to_flax(kind, bert.to_torch(kind, flax_random, TINY), TINY), flax_random
+        hf_bert.to_flax(kind, hf_bert.to_torch(kind, flax_random, TINY), TINY), flax_random
     )
 
 
@@ -203,23 +204,24 @@ def test_conversions_preserve_the_linear_map():
     x = rng.standard_normal((4, d))
     weight, bias = rng.standard_normal((d, d)), rng.standard_normal(d)
     torch_out = x @ weight.T + bias
-    kernel, flax_bias = bert.to_flax("qkv", weight, TINY), bert.to_flax("qkv_bias", bias, TINY)
+    kernel = hf_bert.to_flax("qkv", weight, TINY)
+    flax_bias = hf_bert.to_flax("qkv_bias", bias, TINY)
     flax_out = np.einsum("bd,dhk->bhk", x, kernel) + flax_bias[None]
     np.testing.assert_allclose(flax_out.reshape(4, d), torch_out, rtol=1e-12)
     heads_in = x.reshape(4, heads, head_dim)
-    out_kernel = bert.to_flax("attn_out", weight, TINY)
+    out_kernel = hf_bert.to_flax("attn_out", weight, TINY)
     np.testing.assert_allclose(
         np.einsum("bhk,hkd->bd", heads_in, out_kernel), x @ weight.T, rtol=1e-12
     )
     wide = rng.standard_normal((TINY.intermediate_size, d))
-    np.testing.assert_allclose(x @ bert.to_flax("linear", wide, TINY), x @ wide.T, rtol=1e-12)
+    np.testing.assert_allclose(x @ hf_bert.to_flax("linear", wide, TINY), x @ wide.T, rtol=1e-12)
 
 
 def test_unknown_kind_and_wrong_rank_raise():
     with pytest.raises(ValueError, match="unknown parameter kind 'conv'"):
-        bert.to_flax("conv", np.zeros(3), TINY)
+        hf_bert.to_flax("conv", np.zeros(3), TINY)
     with pytest.raises(ValueError, match="2-d array for kind 'qkv'"):
-        bert.to_flax("qkv", np.zeros(6), TINY)
+        hf_bert.to_flax("qkv", np.zeros(6), TINY)
 
 
 # ----------------------------------------------------------------------------- loader
@@ -230,13 +232,13 @@ def test_loader_accepts_prefixes_and_gives_the_model_params(prefix):
     state = {prefix + name: value for name, value in _tiny_hf_state(TINY).items()}
     if prefix:
         state["classifier.weight"] = np.zeros((2, TINY.hidden_size), np.float32)  # task head
-    params = bert.params_from_hf_state_dict(state, TINY)
+    params = hf_bert.params_from_hf_state_dict(state, TINY)
     flat = traverse_util.flatten_dict(params, sep="/")
-    assert {path: value.shape for path, value in flat.items()} == bert.param_shapes(TINY)
+    assert {path: value.shape for path, value in flat.items()} == hf_bert.param_shapes(TINY)
     assert all(value.dtype == np.float32 for value in flat.values())
     query = params["encoder"]["layer_0"]["attention"]["query"]["kernel"]
     torch_query = state[prefix + "encoder.layer.0.attention.self.query.weight"]
-    np.testing.assert_array_equal(query, bert.to_flax("qkv", torch_query, TINY))
+    np.testing.assert_array_equal(query, hf_bert.to_flax("qkv", torch_query, TINY))
 
 
 def test_loader_accepts_gamma_beta_layernorm_names():
@@ -246,7 +248,7 @@ def test_loader_accepts_gamma_beta_layernorm_names():
     state["encoder.layer.0.output.LayerNorm.beta"] = state.pop(
         "encoder.layer.0.output.LayerNorm.bias"
     )
-    params = bert.params_from_hf_state_dict(state, TINY)
+    params = hf_bert.params_from_hf_state_dict(state, TINY)
     np.testing.assert_array_equal(params["encoder"]["layer_0"]["output_norm"]["scale"], scale)
 
 
@@ -256,23 +258,23 @@ def test_loader_names_a_missing_tensor():
     with pytest.raises(
         ValueError, match=r"missing tensor 'encoder\.layer\.0\.attention\.self\.value\.bias'"
     ):
-        bert.params_from_hf_state_dict(state, TINY)
+        hf_bert.params_from_hf_state_dict(state, TINY)
     with pytest.raises(ValueError, match="missing tensor 'embeddings.word_embeddings.weight'"):
-        bert.params_from_hf_state_dict({"classifier.weight": np.zeros(2)}, TINY)
+        hf_bert.params_from_hf_state_dict({"classifier.weight": np.zeros(2)}, TINY)
 
 
 def test_loader_names_a_wrong_shape():
     state = {"bert." + name: value for name, value in _tiny_hf_state(TINY).items()}
     state["bert.encoder.layer.0.intermediate.dense.weight"] = np.zeros((4, 6), np.float32)
     with pytest.raises(ValueError, match=r"'bert\.encoder\.layer\.0\.intermediate\.dense\.weight'"):
-        bert.params_from_hf_state_dict(state, TINY)
+        hf_bert.params_from_hf_state_dict(state, TINY)
 
 
 def test_loader_rejects_tensors_the_config_does_not_have():
     state = _tiny_hf_state(TINY)
     state["encoder.layer.1.output.dense.bias"] = np.zeros(6, np.float32)
     with pytest.raises(ValueError, match="unexpected tensor 'encoder.layer.1.output.dense.bias'"):
-        bert.params_from_hf_state_dict(state, TINY)
+        hf_bert.params_from_hf_state_dict(state, TINY)
 
 
 # ----------------------------------------------------------------------------- model pieces

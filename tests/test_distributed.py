@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lorax
+from experiments import gpt
 from experiments import train_distributed as td
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,16 +137,16 @@ def _config() -> td.Config:
     return td.Config(layers=2, optimizer="sgd", lr=0.5, steps=STEPS)
 
 
-def _frozen_step(model: td.TinyLM, axis_name: str | None = None):
+def _frozen_step(model: gpt.GPT, axis_name: str | None = None):
     """The frozen-base step: same model and loss, differentiated w.r.t. the input activations
     only (a backward pass through every frozen W, no parameter gradients)."""
 
     def step(params, tokens):
-        h = model.apply({"params": params}, tokens, method=td.TinyLM.embed_tokens)
+        h = model.apply({"params": params}, tokens, method="embed")
 
         def loss_of(h):
-            logits = model.apply({"params": params}, h, method=td.TinyLM.decode)
-            return td.lm_loss(logits, tokens)
+            logits = model.apply({"params": params}, h, method="decode")
+            return gpt.next_token_loss(logits[:, :-1], tokens[:, 1:])
 
         loss, dh = jax.value_and_grad(loss_of)(h)
         if axis_name is not None:
@@ -155,10 +156,14 @@ def _frozen_step(model: td.TinyLM, axis_name: str | None = None):
     return step
 
 
-def _vma_step(model: td.TinyLM, tx, pcast_frozen: bool):
+def _vma_step(model: gpt.GPT, tx, pcast_frozen: bool):
     """A shard_map step in the check_vma style: the loss is pmean-ed inside the differentiated
     function, so the factor gradients come out reduced (no explicit gradient pmean)."""
-    loss_fn = lorax.lora(lambda p, tokens: td.lm_loss(model.apply({"params": p}, tokens), tokens))
+
+    @lorax.lora
+    def loss_fn(params, tokens):
+        logits = model.apply({"params": params}, tokens)
+        return gpt.next_token_loss(logits[:, :-1], tokens[:, 1:])
 
     def step(train, frozen, opt_state, tokens):
         if pcast_frozen:  # the workaround: make W device-varying so no `pvary` is inserted on it
@@ -215,7 +220,7 @@ def _modes_worker(report_path: str) -> None:
     warnings.simplefilter("error")  # a LoRAFallbackWarning (W materialized) fails the mode
     assert jax.device_count() == N_DEVICES, jax.devices()
     config = _config()
-    model = td.TinyLM(config)
+    model = gpt.GPT(config.model_config())
     tokens0 = jnp.zeros((config.batch_size, config.seq_len), jnp.int32)
     params = model.init(jax.random.key(config.seed), tokens0)["params"]
     params = jax.tree.map(np.asarray, params)  # host copies: every mode places its own

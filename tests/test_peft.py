@@ -3,8 +3,9 @@
 The fixture was written by ``experiments/fixtures/make_peft_fixture.py`` with torch,
 transformers and peft (a tiny random HF ``BertModel``, two PEFT LoRA adapters, PEFT's outputs).
 These tests need none of them: they load the adapters into the Flax BERT of
-``experiments/bert.py`` and compare outputs, and check that ``lorax.peft.save`` writes what PEFT
-wrote. PEFT's rules (pattern matching, scaling) are re-stated here independently of lorax.
+``experiments/bert.py`` (names mapped by ``experiments/hf_bert.py``) and compare outputs, and
+check that ``lorax.peft.save`` writes what PEFT wrote. PEFT's rules (pattern matching,
+scaling) are re-stated here independently of lorax.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 import lorax
 import lorax.peft
-from experiments import bert
+from experiments import bert, hf_bert
 from experiments.peft_map import peft_name_map
 from lorax.peft import TorchParam
 
@@ -42,7 +43,7 @@ def config() -> bert.BertConfig:
 
 @pytest.fixture(scope="module")
 def params(config):
-    return bert.params_from_hf_state_dict(load_file(FIXTURE / "model.safetensors"), config)
+    return hf_bert.params_from_hf_state_dict(load_file(FIXTURE / "model.safetensors"), config)
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +85,12 @@ def _boxes(tree) -> dict[str, lorax.FullyTrained]:
 
 
 def _linear_modules(config) -> list[str]:
-    return [r.torch_module for r in bert.hf_name_map(config)
+    return [r.torch_module for r in hf_bert.hf_name_map(config)
             if r.torch_param == "weight" and r.kind in ("linear", "qkv", "attn_out")]
 
 
 def _all_modules(config) -> list[str]:
-    return sorted({r.torch_module for r in bert.hf_name_map(config)})
+    return sorted({r.torch_module for r in hf_bert.hf_name_map(config)})
 
 
 def _peft_view(adapter_config: dict, config) -> dict:
@@ -160,7 +161,7 @@ def test_load_matches_peft_outputs(adapter, config, params, forward, inputs, ref
 
     # Every adapted module has PEFT's rank and scale (rank_pattern / alpha_pattern applied).
     view = _peft_view(_read_config(FIXTURE / adapter), config)
-    flax_of = {row.torch_module: row.flax_path for row in bert.hf_name_map(config)
+    flax_of = {row.torch_module: row.flax_path for row in hf_bert.hf_name_map(config)
                if row.torch_param == "weight"}
     nodes = _lora_nodes(tree)
     flat_params = traverse_util.flatten_dict(params, sep="/")
@@ -249,10 +250,11 @@ TINY = bert.BertConfig(vocab_size=24, hidden_size=12, num_hidden_layers=2, num_a
 def _tiny_params():
     """Random TINY params via the HF converter (cheaper than an eager ``init``)."""
     rng = np.random.default_rng(0)
-    shapes = bert.param_shapes(TINY)
-    state = {row.torch_name: rng.standard_normal(bert.torch_shape(row.kind, shapes[row.flax_path]))
-             .astype(np.float32) for row in bert.hf_name_map(TINY)}
-    return bert.params_from_hf_state_dict(state, TINY)
+    shapes = hf_bert.param_shapes(TINY)
+    state = {row.torch_name: rng.standard_normal(hf_bert.torch_shape(row.kind,
+                                                                     shapes[row.flax_path]))
+             .astype(np.float32) for row in hf_bert.hf_name_map(TINY)}
+    return hf_bert.params_from_hf_state_dict(state, TINY)
 
 
 def _perturb(tree, seed: int = 1):

@@ -84,10 +84,10 @@ def test_changed_settings_refuse_to_mix(quick_run, capsys):
 
 
 def test_restored_run_reproduces_its_metrics(quick_run):
-    from experiments import bert, data, train
+    from experiments import data, hf_bert, train
 
     tree = sweep.load_run(quick_run, "lora", 4, "q,v")  # lorax.restore, metadata checked
-    model, _, tokenizer = bert.load_pretrained(max_length=64)
+    model, _, tokenizer = hf_bert.load_pretrained(max_length=64)
     task = train.tokenize_task(tokenizer, data.split(data.load_vader(), seed=0), 64)
     regressor = train.SentimentRegressor(model.config)
     pred = train.predict(train._predict_fn(regressor), tree, task.val, task)

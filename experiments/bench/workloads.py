@@ -127,12 +127,12 @@ def minilm_workload(
     """
     import flax.linen as nn
 
-    from experiments import bert
+    from experiments import bert, hf_bert
 
     keys = jax.random.split(jax.random.key(seed), 4)
     pretrained = config is None
     if pretrained:
-        model, bert_params, _ = bert.load_pretrained(max_length=seq_len)
+        model, bert_params, _ = hf_bert.load_pretrained(max_length=seq_len)
         config = model.config
     else:
         ids = jnp.zeros((1, seq_len), jnp.int32)
