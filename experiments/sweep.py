@@ -260,7 +260,8 @@ def chosen_runs(out: str, method: str, rank: int | None, targets: str | None
 
 def load_run(out: str, method: str, rank: int | None, targets: str | None,
              seed: int | None = None, lr: float | None = None) -> Any:
-    """A finished run's trained tree, restored with ``lorax.restore`` onto the base model.
+    """A finished run's trained tree, restored with ``lorax.restore`` onto the base model
+    (the wrap settings come from the checkpoint's metadata; PiSSA's residual base is rebuilt).
 
     Without ``seed``/``lr``: the first seed at the configuration's learning rate picked on
     validation (:func:`chosen_runs`).
@@ -279,10 +280,12 @@ def load_run(out: str, method: str, rank: int | None, targets: str | None,
     with open(config_path) as f:
         config = json.load(f)
     model, params, _ = hf_bert.load_pretrained(max_length=config["max_length"])
+    base = with_head(train.SentimentRegressor(model.config), params, seed)
+    if method != "pissa":  # the saved metadata says which kernels are adapted, and how
+        return lorax.restore(directory, base)
+    # PiSSA's factors belong to the residual base, which only `wrap` recomputes (its SVD).
     cfg = train.TrainConfig(alpha=config["alpha"], rslora=config["rslora"], seed=seed, lr=lr)
-    regressor = train.SentimentRegressor(model.config)
-    like = train.build_tree(method, with_head(regressor, params, seed), rank, targets, cfg)
-    return lorax.restore(directory, like)
+    return lorax.restore(directory, train.build_tree(method, base, rank, targets, cfg))
 
 
 def _config(args) -> dict[str, Any]:

@@ -160,9 +160,8 @@ def _enter(node: LoRA, lora_key, position: int, routed: bool = False) -> LoRAVal
         key = jax.random.fold_in(lora_key, position)
     # A quantized w stays quantized: its consumer dequantizes it on use (lorax.qmatmul).
     frozen = dataclasses.replace(node, w=lax.stop_gradient(node.w))
-    # The program sees w in its own layout: axis j of w is canonical axis order.index(j).
-    order = node.canonical_order
-    return LoRAValue(frozen, key, tuple(order.index(j) for j in range(len(order))), routed)
+    # The program sees w in its own layout.
+    return LoRAValue(frozen, key, node.canonical_axes, routed)
 
 
 def _concrete(values: Sequence[Any], where: str) -> list[Any]:

@@ -76,6 +76,12 @@ class KernelAxes:
         return layout_order(self.roles)
 
     @property
+    def canonical_axes(self) -> tuple[int, ...]:
+        """For each axis of ``w``, the canonical axis it is (the inverse of
+        :attr:`canonical_order`)."""
+        return tuple(int(c) for c in np.argsort(self.canonical_order))
+
+    @property
     def is_canonical(self) -> bool:
         """Whether ``w`` is already laid out as ``(*stack, *in, *out)``."""
         return self.canonical_order == tuple(range(len(self.shape)))
@@ -121,7 +127,7 @@ class KernelAxes:
         """The inverse of :meth:`to_canonical`."""
         if self.is_canonical:
             return x
-        return jnp.transpose(x, tuple(np.argsort(self.canonical_order)))
+        return jnp.transpose(x, self.canonical_axes)
 
 
 @jax.tree_util.register_dataclass
@@ -189,6 +195,11 @@ class LoRA(KernelAxes):
     def named_factors(self) -> tuple[tuple[str, LoRA], ...]:
         """``(("", self),)``: one unnamed adapter (compare :meth:`MultiLoRA.named_factors`)."""
         return (("", self),)
+
+    def with_specs(self, w: Any, a: Any, b: Any, magnitude: Any) -> LoRA:
+        """This node's structure with stand-ins (sharding specs) for its arrays."""
+        return dataclasses.replace(self, w=w, a=a, b=b,
+                                   magnitude=None if self.magnitude is None else magnitude)
 
     def trainable_mask(self) -> LoRA:
         """This node with ``False`` for ``w`` and ``True`` for the factors (``None`` stays)."""
@@ -318,6 +329,13 @@ class MultiLoRA(KernelAxes):
     def named_factors(self) -> tuple[tuple[str, Factors], ...]:
         """``(("[name]", factors), ...)`` for every adapter, in name order."""
         return tuple((f"[{name}]", f) for name, f in sorted(self.adapters.items()))
+
+    def with_specs(self, w: Any, a: Any, b: Any, magnitude: Any) -> MultiLoRA:
+        """This node's structure with stand-ins (sharding specs) for its arrays: every named
+        adapter gets the same ``a``, ``b`` (``magnitude`` is unused: no DoRA here)."""
+        del magnitude
+        adapters = {name: dataclasses.replace(f, a=a, b=b) for name, f in self.adapters.items()}
+        return dataclasses.replace(self, w=w, adapters=adapters)
 
     def trainable_mask(self) -> MultiLoRA:
         """This node with ``False`` for ``w`` and ``True`` for every factor (``None`` stays)."""

@@ -31,7 +31,6 @@ computing only its own shard::
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -236,15 +235,9 @@ def _node_specs(node: LoRA | MultiLoRA, spec: PartitionSpec) -> LoRA | MultiLoRA
     # its codes and scales are replicated.
     w_is_leaf = jax.tree_util.treedef_is_leaf(jax.tree.structure(node.w))
     w_spec = spec if w_is_leaf else jax.tree.map(lambda _: PartitionSpec(), node.w)
-    if isinstance(node, MultiLoRA):
-        adapters = {name: dataclasses.replace(f, a=a_spec, b=b_spec)
-                    for name, f in node.adapters.items()}
-        return dataclasses.replace(node, w=w_spec, adapters=adapters)
-    magnitude = None
-    if node.magnitude is not None:  # DoRA: (*stack, *out), sharded like w's stack and out axes
-        stack, _, outs = node.groups(_padded(spec, len(node.shape), f" at {node.path!r}"))
-        magnitude = PartitionSpec(*stack, *outs)
-    return dataclasses.replace(node, w=w_spec, a=a_spec, b=b_spec, magnitude=magnitude)
+    # DoRA's magnitude (*stack, *out) is sharded like w's stack and output axes.
+    stack, _, outs = node.groups(_padded(spec, len(node.shape), f" at {node.path!r}"))
+    return node.with_specs(w_spec, a_spec, b_spec, PartitionSpec(*stack, *outs))
 
 
 def shardings(tree: Any, base_specs: Any, mesh: Mesh, *, rules: Rules | None = None) -> Any:

@@ -18,59 +18,27 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import optax
+from cost_model import (
+    LABELS,
+    RANK,
+    X,
+    abstract_lp,
+    abstract_params,
+    apply,
+    ce,
+    flops,
+    full_step_flops,
+    lora_step_flops,
+)
 
 import lorax
-from experiments import gpt
-
-B, T, RANK = 4, 64, 8
-CONFIG = gpt.GPTConfig(vocab_size=8192, d_model=512, n_layers=2, n_heads=8, d_ff=2048, max_len=T)
-MODEL = gpt.GPT(CONFIG)
-X = jax.ShapeDtypeStruct((B, T, CONFIG.d_model), jnp.float32)
-LABELS = jax.ShapeDtypeStruct((B, T), jnp.int32)
-ce = gpt.next_token_loss
-
-
-def apply(params, x):
-    """Logits of the embedded input ``x``: the blocks, final LayerNorm and head."""
-    return MODEL.apply({"params": params}, x, method="decode")
-
-
-def flops(fn, *args) -> float:
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(cost, list | tuple):  # older JAX returned one dict per device
-        cost = cost[0]
-    return float(cost["flops"])
-
-
-@functools.cache
-def abstract_params():
-    # Initialised through `decode`, so the tree holds no embedding tables.
-    return jax.eval_shape(lambda key, x: MODEL.init(key, x, method="decode"),
-                          jax.random.key(0), X)["params"]
-
-
-@functools.cache
-def abstract_lp():
-    return lorax.wrap(abstract_params(), rank=RANK)
 
 
 @functools.cache
 def measured() -> dict[str, float]:
     params, lp = abstract_params(), abstract_lp()
-    tx_full = optax.adam(1e-3)
     tx_lora = lorax.optimizer(optax.adam(1e-3))
-
-    def full_step(p, state, x, y):
-        loss, grads = jax.value_and_grad(lambda p: ce(apply(p, x), y))(p)
-        updates, state = tx_full.update(grads, state, p)
-        return loss, optax.apply_updates(p, updates), state
-
-    def lora_step(lp, state, x, y):
-        loss, grads = jax.value_and_grad(lambda t: ce(lorax.lora(apply)(t, x), y))(lp)
-        updates, state = tx_lora.update(grads, state, lp)
-        return loss, optax.apply_updates(lp, updates), state
 
     def frozen_step(p, x, y):
         return jax.value_and_grad(lambda x: ce(apply(p, x), y))(x)
@@ -86,8 +54,8 @@ def measured() -> dict[str, float]:
         return value, optax.apply_updates(train, updates), state
 
     return {
-        "full": flops(full_step, params, jax.eval_shape(tx_full.init, params), X, LABELS),
-        "lora": flops(lora_step, lp, jax.eval_shape(tx_lora.init, lp), X, LABELS),
+        "full": full_step_flops(),
+        "lora": lora_step_flops(lp),
         "frozen": flops(frozen_step, params, X, LABELS),
         "materialized": flops(materialized_step, lp,
                               jax.eval_shape(tx_lora.init, lorax.split(lp)[0]), X, LABELS),

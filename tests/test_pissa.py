@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cost_model import abstract_params, full_step_flops, lora_step_flops
 from helpers import dense_delta, lora_nodes
-from variant_cost import abstract_params, full_step_flops, lora_step_flops
 
 import lorax
 import lorax.peft

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_cost import LABELS, X, abstract_params, apply, ce, flops
-from variant_cost import full_step_flops
+from cost_model import LABELS, X, abstract_params, apply, ce, flops, full_step_flops
 
 import lorax
 
