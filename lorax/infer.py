@@ -1,6 +1,6 @@
 """`lorax.infer_axes`: read each kernel's stack, input and output axes off the computation.
 
-A kernel's layout (see :class:`lorax.node.KernelAxes`) is a fact about how the model uses it:
+A kernel's layout (see :class:`lorax.kernel_axes.KernelAxes`) is a fact about how the model uses it:
 which of its axes a ``dot_general`` contracts with the activation (inputs), which it batches
 over or a ``scan`` slices (stacks), and which it keeps (outputs). This module traces the function
 once on abstract values and follows every kernel through layout primitives (transpose, reshape,

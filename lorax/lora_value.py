@@ -31,7 +31,7 @@ class LoRAValue:
     """A LoRA kernel as it flows through the interpreter (internal).
 
     ``perm[d]`` is the canonical axis (of ``(*stack, *in, *out)``, see
-    :class:`lorax.node.KernelAxes`) that the program's axis ``d`` holds: the program sees
+    :class:`lorax.kernel_axes.KernelAxes`) that the program's axis ``d`` holds: the program sees
     ``transpose(canonical(node.w + s * a @ b), perm)``. ``key`` is the dropout key of this
     kernel (``None`` when dropout is off).
     """

@@ -73,7 +73,7 @@ def factor_specs(
         n_in: with an int ``node_or_ndim``: input axes after the stack; default all but the last
             (check it against the node for attention q/k/v kernels, where lorax uses 1).
         layout: with an int ``node_or_ndim``: the kernel's layout string (``s``/``i``/``o`` per
-            axis, see :class:`lorax.node.KernelAxes`), for axes in any order; it overrides
+            axis, see :class:`lorax.kernel_axes.KernelAxes`), for axes in any order; it overrides
             ``n_stack``/``n_in``.
 
     Returns:

@@ -48,9 +48,10 @@ class TorchParam:
         n_in: how many leading (non-stacked) axes of the kernel are inputs; default
             :func:`lorax.layouts.default_in_axes` (what :func:`lorax.wrap` uses).
         layout: the kernel's layout string (``s``/``i``/``o`` per axis, see
-            :class:`lorax.node.KernelAxes`) when its axes are in another order, e.g. ``"oio"``
-            for Gemma's ``q_einsum`` ``(N, D, H)`` (PEFT's ``q_proj`` is ``(N*H, D)``); it
-            overrides ``n_in``. Default: :func:`lorax.layouts.default_layout`, as ``wrap``.
+            :class:`lorax.kernel_axes.KernelAxes`) when its axes are in another order, e.g.
+            ``"oio"`` for Gemma's ``q_einsum`` ``(N, D, H)`` (PEFT's ``q_proj`` is
+            ``(N*H, D)``); it overrides ``n_in``. Default:
+            :func:`lorax.layouts.default_layout`, as ``wrap``.
         embedding: whether the module is an ``nn.Embedding`` (PEFT names its factors
             ``lora_embedding_A``/``_B``); default: the leaf is named ``embedding``.
         to_torch: converts the Flax array to the PyTorch layout, for leaves trained in full;

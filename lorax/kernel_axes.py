@@ -1,0 +1,125 @@
+"""`KernelAxes`: an adapted kernel's stack, input and output axes, shared by the node types.
+
+The base of :class:`lorax.LoRA` and :class:`lorax.MultiLoRA`: the layout views (which axes of
+``w`` are stack, input and output axes, and the canonical ``(*stack, *in, *out)`` order the
+factors follow), ``w`` as a float array, and the refusal to be used as an array outside
+:func:`lorax.lora`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import jax.numpy as jnp
+import numpy as np
+
+from lorax.layouts import axis_groups, canonical_layout, layout_order
+from lorax.quantized import QuantizedArray
+
+T = TypeVar("T")
+
+
+class KernelAxes:
+    """Which axes of a node's kernel ``w`` are stack, input and output axes.
+
+    A node's ``layout`` holds one letter per axis of ``w``: ``s`` (an axis that indexes a stack
+    of independent kernels: ``nn.scan`` layers, Gemma's k/v selector), ``i`` (contracted with the
+    activation) or ``o`` (an output axis). ``w`` keeps its own axis order; the factors are
+    canonical, each group in ``w``'s order::
+
+        a: (*stack, *in, rank)        b: (*stack, rank, *out)
+
+    ``layout=None`` means the canonical order ``(*stack, *in, *out)`` itself.
+    """
+
+    w: Any
+    n_stack: int
+    n_in: int
+    layout: str | None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the adapted kernel (that of ``w``)."""
+        return tuple(self.w.shape)
+
+    def _not_an_array(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"a lorax {type(self).__name__} node (the kernel at {getattr(self, 'path', '')!r}) "
+            "was used as an array: transform the function that consumes the wrapped tree with "
+            "lorax.lora, e.g. lorax.lora(model.apply)({'params': lp}, x), or fold the adapters "
+            "in with lorax.merge(lp) for inference")
+
+    __array__ = _not_an_array
+    __jax_array__ = _not_an_array
+
+    @property
+    def dtype(self) -> Any:
+        """The dtype of the adapted kernel (that of ``w``, or of a quantized ``w``'s original)."""
+        return jnp.dtype(self.w.dtype)
+
+    @property
+    def roles(self) -> str:
+        """The full layout string, one of ``s``/``i``/``o`` per axis of ``w``."""
+        if self.layout is not None:
+            return self.layout
+        return canonical_layout(len(self.shape), self.n_stack, self.n_in)
+
+    @property
+    def canonical_order(self) -> tuple[int, ...]:
+        """``w``'s axes in canonical ``(*stack, *in, *out)`` order."""
+        return layout_order(self.roles)
+
+    @property
+    def canonical_axes(self) -> tuple[int, ...]:
+        """For each axis of ``w``, the canonical axis it is (the inverse of
+        :attr:`canonical_order`)."""
+        return tuple(int(c) for c in np.argsort(self.canonical_order))
+
+    @property
+    def is_canonical(self) -> bool:
+        """Whether ``w`` is already laid out as ``(*stack, *in, *out)``."""
+        return self.canonical_order == tuple(range(len(self.shape)))
+
+    def canonical(self, per_axis: Sequence[T]) -> tuple[T, ...]:
+        """Reorders one entry per axis of ``w`` (a shape, a sharding spec) canonically."""
+        return tuple(per_axis[j] for j in self.canonical_order)
+
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        """The kernel's shape in ``(*stack, *in, *out)`` order."""
+        return self.canonical(self.shape)
+
+    def groups(self, per_axis: Sequence[T]) -> tuple[tuple[T, ...], tuple[T, ...], tuple[T, ...]]:
+        """One entry per axis of ``w`` (a shape, a sharding spec) as canonical
+        ``(stack, in, out)`` groups."""
+        return axis_groups(self.canonical(per_axis), self.n_stack, self.n_in)
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """The stack axes (each indexes an independent kernel with its own factors)."""
+        return self.groups(self.shape)[0]
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """The input axes of one (unstacked) kernel."""
+        return self.groups(self.shape)[1]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The output axes of one (unstacked) kernel."""
+        return self.groups(self.shape)[2]
+
+    def float_w(self) -> Any:
+        """``w`` as an array: dequantized when it is a :class:`lorax.QuantizedArray`."""
+        return self.w.dequantize() if isinstance(self.w, QuantizedArray) else self.w
+
+    def to_canonical(self, x: Any) -> Any:
+        """An array in ``w``'s layout transposed to ``(*stack, *in, *out)`` (no-op if it is)."""
+        return x if self.is_canonical else jnp.transpose(x, self.canonical_order)
+
+    def from_canonical(self, x: Any) -> Any:
+        """The inverse of :meth:`to_canonical`."""
+        if self.is_canonical:
+            return x
+        return jnp.transpose(x, self.canonical_axes)
