@@ -166,7 +166,7 @@ def test_to_lora_rejects_mismatched_initial(params):
 def test_pissa_train_step_flops():
     # Same structure as plain LoRA (only the initial values differ): the same bound holds.
     lp = lorax.wrap(abstract_params(), rank=8, init="pissa")
-    assert lorax.is_lora(lp["Dense_0"]["kernel"]) and lp["Dense_0"]["kernel"].residual
+    assert lorax.is_lora(lp["head"]["kernel"]) and lp["head"]["kernel"].residual
     ratio = lora_step_flops(lp) / full_step_flops()
     print(f"pissa/full = {ratio:.4f}")
     assert ratio <= 0.70

@@ -201,7 +201,7 @@ def test_bad_trees(params):
 
 def test_quantized_train_step_flops():
     lp = lorax.quantize(lorax.wrap(abstract_params(), rank=8), "nf4")
-    assert isinstance(lp["Dense_0"]["kernel"].w, lorax.QuantizedArray)
+    assert isinstance(lp["head"]["kernel"].w, lorax.QuantizedArray)
     ratio = lora_step_flops(lp) / full_step_flops()
     print(f"qlora(nf4)/full = {ratio:.4f}")
     assert ratio <= 0.72
