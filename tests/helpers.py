@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import chex
@@ -16,6 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 
 import lorax
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_devices_env(devices: int) -> dict[str, str]:
+    """The environment for a child Python process with ``devices`` CPU devices (``XLA_FLAGS``
+    must be set before jax is imported) that imports this checkout's ``lorax`` and
+    ``experiments`` (the repository root first on ``PYTHONPATH``, ahead of any editable install
+    of another checkout)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path,
+            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
 
 
 def lora_nodes(tree: Any) -> list[lorax.LoRA]:

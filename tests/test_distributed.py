@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import socket
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_close
+from helpers import assert_close, cpu_devices_env
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -365,18 +364,11 @@ def _modes_worker(report_path: str) -> None:
 # ----------------------------------------------------------------------------- the mode tests
 
 
-def _subprocess_env(devices: int) -> dict[str, str]:
-    flags = os.environ.get("XLA_FLAGS", "")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
-
-
 @pytest.fixture(scope="module")
 def modes_report(tmp_path_factory) -> dict[str, Any]:
     path = tmp_path_factory.mktemp("modes") / "report.json"
     proc = subprocess.run([sys.executable, __file__, str(path)], cwd=ROOT, timeout=300,
-                          env=_subprocess_env(N_DEVICES), capture_output=True, text=True)
+                          env=cpu_devices_env(N_DEVICES), capture_output=True, text=True)
     assert proc.returncode == 0 and path.exists(), proc.stderr[-4000:]
     return json.loads(path.read_text())
 
@@ -486,7 +478,7 @@ class _Cluster:
                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                    "--process-id", str(i), *self.argv, *(extra or {}).get(i, [])]
             # A persistent compilation cache lets the restarted job skip recompiling.
-            env = {**_subprocess_env(2), "JAX_COMPILATION_CACHE_DIR": str(self.workdir / "xla"),
+            env = {**cpu_devices_env(2), "JAX_COMPILATION_CACHE_DIR": str(self.workdir / "xla"),
                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
             with open(log, "w") as out:
                 self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
@@ -570,8 +562,11 @@ def test_two_processes_train_lose_a_host_restart_and_restore(tmp_path):
     # The single-process, single-device run of the same 6 steps.
     reference = td.train(config, td.make_mesh({"data": 1}, jax.devices()[:1]), log_every=0)
     restored = lorax.restore(ckpt, reference)
+    # AdamW divides by each gradient entry's RMS, so the rounding of small gradient entries
+    # (summed in another order over 2 processes x 2 devices) becomes a relative error of their
+    # updates; over 6 steps the factors differ by up to ~150 eps of their scale (measured).
     factors = lorax.split(reference)[0]
-    assert_close(lorax.split(restored)[0], factors)
+    assert_close(lorax.split(restored)[0], factors, ulps=1024)
     # The checksum sums every factor: rounding relative to the sum of their magnitudes.
     magnitude = float(sum(np.abs(np.asarray(x, np.float64)).sum()
                           for x in jax.tree.leaves(factors)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_close
+from helpers import assert_close, cpu_devices_env
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -479,12 +478,8 @@ def _worker(report_path: str) -> None:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict[str, str]:
     path = tmp_path_factory.mktemp("sharding") / "report.json"
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", ""))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8".strip()}
-    proc = subprocess.run([sys.executable, __file__, str(path)], cwd=ROOT, env=env, timeout=300,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, str(path)], cwd=ROOT, env=cpu_devices_env(8),
+                          timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0 and path.exists(), proc.stderr[-4000:]
     return json.loads(path.read_text())
 
