@@ -81,8 +81,9 @@ def init_factors(w: Any, rank: int, scale: float, n_stack: int, n_in: int, init:
         >>> import jax, jax.numpy as jnp
         >>> w = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
         >>> a, b, res = init_factors(w, 1, 1.0, 0, 1, "pissa", jax.random.key(0), jnp.float32)
-        >>> res.round(4).tolist()  # the top singular direction moved into a @ b
-        [[0.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
+        >>> top_moved = jnp.diag(jnp.array([0.0, 2.0, 1.0]))  # the top direction is in a @ b
+        >>> bool(jnp.allclose(res, top_moved, rtol=0, atol=64 * jnp.finfo(w.dtype).eps * 3))
+        True
     """
     shape = tuple(w.shape)
     stack, ins, outs = axis_groups(shape, n_stack, n_in)

@@ -8,13 +8,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+from pathlib import Path
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import lorax
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_devices_env(devices: int) -> dict[str, str]:
+    """The environment for a child Python process with ``devices`` CPU devices (``XLA_FLAGS``
+    must be set before jax is imported) that imports this checkout's ``lorax`` and
+    ``experiments`` (the repository root first on ``PYTHONPATH``, ahead of any editable install
+    of another checkout)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path,
+            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
 
 
 def lora_nodes(tree: Any) -> list[lorax.LoRA]:
@@ -109,29 +127,81 @@ def perturb_b(tree: Any, key: Any, std: float = 0.1) -> Any:
     return jax.tree.map(go, tree, is_leaf=lorax.is_lora)
 
 
-def assert_trees_close(x: Any, y: Any, *, rtol: float = 1e-6, atol: float = 1e-6) -> None:
-    """Same tree structure and every pair of leaves allclose (shapes and dtypes equal)."""
-    lx, tx = jax.tree.flatten(x)
-    ly, ty = jax.tree.flatten(y)
-    assert tx == ty, f"tree structures differ:\n{tx}\n{ty}"
-    for i, (a, b) in enumerate(zip(lx, ly, strict=True)):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.shape == b.shape, f"leaf {i}: shape {a.shape} != {b.shape}"
-        assert a.dtype == b.dtype, f"leaf {i}: dtype {a.dtype} != {b.dtype}"
-        np.testing.assert_allclose(
-            a.astype(np.float64), b.astype(np.float64), rtol=rtol, atol=atol, err_msg=f"leaf {i}"
-        )
+def _precision(*arrays: Any) -> Any:
+    """The coarsest floating dtype among ``arrays`` (the precision a computation ran in: a
+    float32 result checked against a float64 NumPy reference is float32), or None."""
+    floats = [d for d in (np.asarray(x).dtype for x in arrays) if jnp.issubdtype(d, jnp.inexact)]
+    return max(floats, key=lambda d: jnp.finfo(d).eps, default=None)
+
+
+def tolerance(expected: Any, *, dtype: Any = None, ulps: float = 64,
+              scale: float | None = None) -> float:
+    """The absolute tolerance ``ulps · eps(dtype) · scale`` for comparing against ``expected``.
+
+    ``scale`` defaults to ``max|expected|``: rounding errors of sums and products scale with
+    the magnitude of the values involved, not with each element (an entry that cancels to ~0
+    still carries the rounding of its large summands), so one normwise bound per array fits
+    every entry. ``dtype`` defaults to ``expected``'s; pass the dtype the computation ran in
+    when ``expected`` is a float64 reference of float32 math. ``ulps`` counts the eps allowed:
+    64 covers reassociated float32 sums of the sizes in these tests with margin (XLA may sum in
+    any order, differently per machine), while a wrong scale or a missing term is off by far
+    more; raise it for long chains (whole models, SVDs) and say why where it is raised.
+    """
+    e = np.asarray(expected, np.float64)
+    if scale is None:
+        scale = float(np.max(np.abs(e), initial=0.0))
+    return ulps * float(jnp.finfo(dtype or _precision(expected)).eps) * scale
+
+
+def assert_close(actual: Any, expected: Any, *, dtype: Any = None, ulps: float = 64,
+                 scale: float | None = None, err_msg: str = "") -> None:
+    """Arrays or trees (same structure, via chex) equal within :func:`tolerance`, leaf by leaf.
+
+    Each leaf pair must satisfy ``|actual - expected| <= ulps · eps · scale`` elementwise, with
+    ``eps`` that of ``dtype`` or else of the coarser floating dtype of the two leaves, and
+    ``scale`` the leaf's ``max|expected|`` unless given. Leaves with no floating dtype must be
+    equal. When ``actual`` is one array, ``expected`` is array-like and broadcasts against it
+    (a scalar checks every entry).
+    """
+
+    def leaf_tol(a, e):
+        precision = dtype or _precision(a, e)
+        if precision is None:  # integers, bools: exact
+            return np.asarray(a), np.asarray(e), None
+        e = np.asarray(e, np.float64)
+        return np.asarray(a, np.float64), e, tolerance(e, dtype=precision, ulps=ulps,
+                                                        scale=scale)
+
+    def fits(a, e) -> bool:
+        try:
+            return np.broadcast_shapes(a.shape, e.shape) == a.shape
+        except ValueError:
+            return False
+
+    def close(a, e) -> bool:
+        a, e, tol = leaf_tol(a, e)
+        if not fits(a, e):
+            return False
+        if tol is None:
+            return bool(np.array_equal(a, np.broadcast_to(e, a.shape)))
+        return bool(np.all(np.abs(a - e) <= tol))
+
+    def message(a, e) -> str:
+        a, e, tol = leaf_tol(a, e)
+        if not fits(a, e) or tol is None:
+            return f"{a} != {e} {err_msg}"
+        err = float(np.max(np.abs(a - e), initial=0.0))
+        return f"max |actual - expected| = {err:.3g} > {tol:.3g} ({ulps} eps · scale) {err_msg}"
+
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(actual)):
+        expected = np.asarray(expected)  # one array: ``expected`` may be a (nested) list
+    chex.assert_trees_all_equal_comparator(close, message, actual, expected)
 
 
 def assert_trees_equal(x: Any, y: Any) -> None:
-    """Same tree structure and bit-identical leaves."""
-    lx, tx = jax.tree.flatten(x)
-    ly, ty = jax.tree.flatten(y)
-    assert tx == ty, f"tree structures differ:\n{tx}\n{ty}"
-    for i, (a, b) in enumerate(zip(lx, ly, strict=True)):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.shape == b.shape and a.dtype == b.dtype, f"leaf {i}"
-        assert bits(a) == bits(b), f"leaf {i} differs"
+    """Same tree structure and bit-identical leaves (shapes and dtypes too; NaN-safe)."""
+    chex.assert_trees_all_equal_comparator(
+        lambda a, b: bits(a) == bits(b), lambda a, b: "not bit-identical", x, y)
 
 
 def bits(x: Any) -> bytes:

@@ -14,12 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import assert_close
 from safetensors import safe_open
 
 from experiments import bert, hf_bert
 from experiments.tokenization import tokenize
 
 FIXTURE = pathlib.Path(bert.__file__).resolve().parent / "fixtures" / "minilm_reference.npz"
+# Against PyTorch (other kernels, other summation orders) over a whole 6-layer model.
+TORCH_ULPS = 128
 
 TINY = bert.BertConfig(
     vocab_size=11,
@@ -100,7 +103,7 @@ def test_tokenizer_reproduces_reference_ids(pretrained, reference):
 def test_last_hidden_states_match_reference(hidden_states, reference):
     real = reference["attention_mask"] == 1
     ours = hidden_states[real]
-    np.testing.assert_allclose(ours, reference["last_hidden_state_unpadded"], rtol=0, atol=5e-5)
+    assert_close(ours, reference["last_hidden_state_unpadded"], dtype=np.float32, ulps=TORCH_ULPS)
     assert np.isfinite(hidden_states).all()
 
 
@@ -110,8 +113,8 @@ def test_sentence_embeddings_match_reference(pretrained, reference):
     embeddings = bert.embed_sentences(model, params, tokenizer, texts)
     assert embeddings.shape == reference["embeddings"].shape
     assert embeddings.dtype == np.float32
-    assert np.abs(embeddings - reference["embeddings"]).max() <= 1e-4
-    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    assert_close(embeddings, reference["embeddings"], dtype=np.float32, ulps=TORCH_ULPS)
+    assert_close(np.linalg.norm(embeddings, axis=1), 1.0, dtype=np.float32)
 
 
 def test_pretrained_params_are_float32_with_documented_shapes(pretrained):
@@ -207,14 +210,12 @@ def test_conversions_preserve_the_linear_map():
     kernel = hf_bert.to_flax("qkv", weight, TINY)
     flax_bias = hf_bert.to_flax("qkv_bias", bias, TINY)
     flax_out = np.einsum("bd,dhk->bhk", x, kernel) + flax_bias[None]
-    np.testing.assert_allclose(flax_out.reshape(4, d), torch_out, rtol=1e-12)
+    assert_close(flax_out.reshape(4, d), torch_out)
     heads_in = x.reshape(4, heads, head_dim)
     out_kernel = hf_bert.to_flax("attn_out", weight, TINY)
-    np.testing.assert_allclose(
-        np.einsum("bhk,hkd->bd", heads_in, out_kernel), x @ weight.T, rtol=1e-12
-    )
+    assert_close(np.einsum("bhk,hkd->bd", heads_in, out_kernel), x @ weight.T)
     wide = rng.standard_normal((TINY.intermediate_size, d))
-    np.testing.assert_allclose(x @ hf_bert.to_flax("linear", wide, TINY), x @ wide.T, rtol=1e-12)
+    assert_close(x @ hf_bert.to_flax("linear", wide, TINY), x @ wide.T)
 
 
 def test_unknown_kind_and_wrong_rank_raise():
@@ -296,10 +297,10 @@ def test_padding_does_not_change_real_positions(tiny_apply, tiny_params):
     garbage = ids.copy()
     garbage[0, 3:] = 7  # the ids under padding must not matter
     other = tiny_apply({"params": tiny_params}, garbage, mask)
-    np.testing.assert_allclose(padded[0, :3], other[0, :3], rtol=1e-5, atol=1e-6)
+    assert_close(padded[0, :3], other[0, :3])
     ones = np.ones((2, 5), np.int32)
     unpadded = tiny_apply({"params": tiny_params}, ids, ones)
-    np.testing.assert_allclose(padded[1], unpadded[1], rtol=1e-5, atol=1e-6)
+    assert_close(padded[1], unpadded[1])
     assert not np.allclose(padded[0, :3], unpadded[0, :3])
     assert np.isfinite(padded).all()
 
@@ -323,7 +324,7 @@ def test_mean_pool_matches_numpy():
     hidden = rng.standard_normal((3, 5, 4)).astype(np.float32)
     mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], np.int32)
     expected = np.stack([hidden[0].mean(0), hidden[1, :2].mean(0), np.zeros(4, np.float32)])
-    np.testing.assert_allclose(bert.mean_pool(hidden, mask), expected, rtol=1e-6, atol=1e-7)
+    assert_close(bert.mean_pool(hidden, mask), expected)
 
 
 def test_model_rejects_bad_shapes():

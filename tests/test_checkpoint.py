@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_trees_equal, bits
 
 import lorax
 
@@ -48,11 +49,6 @@ def _trained(tree, seed=1):
     return jax.tree.map(bump, tree, is_leaf=is_node)
 
 
-def _same_bits(x, y):
-    x, y = np.asarray(x), np.asarray(y)
-    return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_round_trip_is_bit_exact(tmp_path, dtype):
     lp = _trained(lorax.wrap(_params(dtype), rank=4, train="^head/", targets="attn|mlp"))
@@ -67,10 +63,8 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
         mgr.wait_until_finished()
         restored = mgr.restore(fresh, opt_state=tx.init(fresh))
     assert restored.step == 3 and restored.data == {"batch": 17}
-    got, want = jax.tree.leaves(restored.tree), jax.tree.leaves(lp)
-    assert len(got) == len(want) and all(_same_bits(g, w) for g, w in zip(got, want, strict=True))
-    got, want = jax.tree.leaves(restored.opt_state), jax.tree.leaves(opt_state)
-    assert len(got) == len(want) and all(_same_bits(g, w) for g, w in zip(got, want, strict=True))
+    assert_trees_equal(restored.tree, lp)
+    assert_trees_equal(restored.opt_state, opt_state)
     # The frozen W in the result are the ones of the tree restored into, not copies from disk.
     assert restored.tree["mlp"]["kernel"].w is fresh["mlp"]["kernel"].w
 
@@ -82,11 +76,10 @@ def test_save_restore_functions_and_extra(tmp_path):
     assert lorax.save(tmp_path, lp, extra=extra) == 1
     like = lorax.wrap(_params(), rank=2, targets="attn|mlp")
     tree, got_extra = lorax.restore(tmp_path, like, extra=extra)
-    pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(lp), strict=True)
-    assert all(_same_bits(a, b) for a, b in pairs)
-    assert _same_bits(got_extra["ema"], extra["ema"])
+    assert_trees_equal(tree, lp)
+    assert_trees_equal(got_extra, extra)
     old = lorax.restore(tmp_path, like, step=0)
-    assert _same_bits(old["mlp"]["kernel"].b, lp["mlp"]["kernel"].b)
+    assert bits(old["mlp"]["kernel"].b) == bits(lp["mlp"]["kernel"].b)
 
 
 def test_restore_into_plain_params_rebuilds_the_wrap_from_metadata(tmp_path):
@@ -102,8 +95,7 @@ def test_restore_into_plain_params_rebuilds_the_wrap_from_metadata(tmp_path):
                                               alpha_pattern={"attn": 3.0}, train="^head/",
                                               dora=True, rslora=True, dropout=0.1))
     assert jax.tree.structure(got) == jax.tree.structure(want)  # static fields included
-    pairs = zip(jax.tree.leaves(got), jax.tree.leaves(lp), strict=True)
-    assert all(_same_bits(a, b) for a, b in pairs)
+    assert_trees_equal(got, lp)
     assert got["q_einsum"]["w"].layout == "oio" and got["mlp"]["kernel"].rank == 2
     assert got["mlp"]["kernel"].w is params["mlp"]["kernel"]
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import dense_params, perturb_b
+from helpers import assert_close, dense_params, perturb_b
 from jax import lax
 from jax.extend.core import Var
 
@@ -24,7 +24,6 @@ import lorax
 from lorax import compat, interpreter, rules
 
 ROOT = Path(__file__).resolve().parents[1]
-EPS32 = float(np.finfo(np.float32).eps)
 
 
 def _eqns(fn, *args) -> dict[str, Any]:
@@ -204,7 +203,7 @@ def test_bind_runs_call_primitives(primitive, closed):
     body = jax.make_jaxpr(jnp.sin)(1.0)
     (out,) = compat.bind(primitive, [jnp.float32(0.5)],
                          {"call_jaxpr": body if closed else body.jaxpr})
-    np.testing.assert_allclose(float(out), np.sin(0.5), rtol=2 * EPS32)
+    assert_close(out, np.sin(0.5), ulps=2)
 
 
 def test_lora_through_a_dropped_output():
@@ -219,7 +218,7 @@ def test_lora_through_a_dropped_output():
     x = jnp.eye(4)
     got = np.asarray(lorax.lora(fn)(lp, x))
     want = np.asarray(fn(dense_params(lp), x))
-    np.testing.assert_allclose(got, want, rtol=0, atol=64 * EPS32 * np.abs(want).max())
+    assert_close(got, want)
 
 
 def test_lora_inside_shard_map_with_default_check_vma():
@@ -237,7 +236,7 @@ def test_lora_inside_shard_map_with_default_check_vma():
         out_specs=P("data"))(p, x), {"kernel": W}, x)
     got = np.asarray(fn(lp, x))
     want = np.tanh(np.asarray(x, np.float64) @ dense_params(lp, np.float64)["kernel"])
-    np.testing.assert_allclose(got, want, rtol=0, atol=16 * EPS32 * np.abs(want).max())
+    assert_close(got, want, ulps=16)
     grads = jax.grad(lambda t: fn(lorax.combine(t, lorax.split(lp)[1]), x).sum())(
         lorax.split(lp)[0])
     assert float(jnp.abs(lorax.split(grads)[0]["kernel"].a).sum()) > 0

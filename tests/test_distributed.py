@@ -3,7 +3,7 @@
 * Parallelism modes on 8 forced CPU devices: ``jit`` over a data-parallel Mesh, FSDP, Megatron
   tensor parallelism, ``jax.pmap`` with ``lax.pmean`` of the factor gradients, and
   ``jax.shard_map``. Each runs three SGD steps of :mod:`experiments.train_distributed`'s model
-  and must match the single-device step (losses and updated factors to ~1e-5 in float32) with W
+  and must match the single-device step (losses and updated factors to float32 rounding) with W
   untouched; the compiled HLO of the LoRA step may add no collective the frozen-base step lacks
   except small factor-sized ones.
 * A real multi-process run: two ``jax.distributed`` processes (gloo CPU collectives, 2 devices
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import socket
@@ -32,11 +31,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_close, cpu_devices_env
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -47,7 +48,6 @@ from experiments import train_distributed as td
 ROOT = Path(__file__).resolve().parents[1]
 N_DEVICES = 8
 STEPS = 3
-TOL = 1e-5
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 # The jit-over-Mesh modes: mesh axis sizes over the 8 devices.
 MESHES = {"dp": {"data": 8}, "fsdp": {"data": 2, "fsdp": 4}, "tp": {"data": 2, "model": 4}}
@@ -180,16 +180,19 @@ def _vma_step(model: gpt.GPT, tx, pcast_frozen: bool):
 
 
 def _max_diff(x: Any, y: Any) -> float:
-    xs, ys = jax.tree.leaves(x), jax.tree.leaves(y)
-    assert len(xs) == len(ys)
-    return max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-               for a, b in zip(xs, ys, strict=True))
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(
+        np.asarray(a, np.float64) - np.asarray(b, np.float64)))), x, y)
+    return max(jax.tree.leaves(diffs))
 
 
-def _frozen_untouched(frozen: Any, params: Any) -> bool:
-    w_after = jax.tree.leaves(lorax.unwrap(frozen))
-    return all(np.array_equal(np.asarray(a), np.asarray(b))
-               for a, b in zip(w_after, jax.tree.leaves(params), strict=True))
+def _outcome(check: Any, *args: Any, **kwargs: Any) -> str:
+    """``"ok"``, or the message of the AssertionError ``check(*args, **kwargs)`` raised (the
+    report is JSON, so the child process records the outcome of each comparison)."""
+    try:
+        check(*args, **kwargs)
+    except AssertionError as e:
+        return str(e)
+    return "ok"
 
 
 def _hlo_report(lora_hlo: str, frozen_hlo: str, lp: Any, config: td.Config) -> dict[str, Any]:
@@ -244,11 +247,13 @@ def _modes_worker(report_path: str) -> None:
 
     def finish(name, losses, train, frozen, lora_hlo, frozen_hlo, frozen_loss, **more):
         report["modes"][name] = {
-            "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
-            "factor_diff": _max_diff(train, ref_train),
+            # Reductions split across devices round differently: float32 eps-relative.
+            "losses": _outcome(assert_close, losses, ref_losses, dtype=np.float32),
+            "factors": _outcome(assert_close, train, ref_train),
             "factor_change": _max_diff(train, lorax.split(lp_ref)[0]),
-            "frozen_loss_diff": abs(frozen_loss - ref_frozen_loss),
-            "w_untouched": _frozen_untouched(frozen, params),
+            "frozen_loss": _outcome(assert_close, frozen_loss, ref_frozen_loss,
+                                    dtype=np.float32),
+            "w_untouched": _outcome(chex.assert_trees_all_equal, lorax.unwrap(frozen), params),
             "hlo": _hlo_report(lora_hlo, frozen_hlo, lorax.combine(train, frozen), config),
             **more,
         }
@@ -364,18 +369,11 @@ def _modes_worker(report_path: str) -> None:
 # ----------------------------------------------------------------------------- the mode tests
 
 
-def _subprocess_env(devices: int) -> dict[str, str]:
-    flags = os.environ.get("XLA_FLAGS", "")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
-
-
 @pytest.fixture(scope="module")
 def modes_report(tmp_path_factory) -> dict[str, Any]:
     path = tmp_path_factory.mktemp("modes") / "report.json"
     proc = subprocess.run([sys.executable, __file__, str(path)], cwd=ROOT, timeout=300,
-                          env=_subprocess_env(N_DEVICES), capture_output=True, text=True)
+                          env=cpu_devices_env(N_DEVICES), capture_output=True, text=True)
     assert proc.returncode == 0 and path.exists(), proc.stderr[-4000:]
     return json.loads(path.read_text())
 
@@ -383,11 +381,9 @@ def modes_report(tmp_path_factory) -> dict[str, Any]:
 def _check_mode(report: dict[str, Any], name: str) -> dict[str, Any]:
     mode = report["modes"][name]
     assert "error" not in mode, mode["error"]
-    assert mode["loss_diff"] <= TOL, mode
-    assert mode["factor_diff"] <= TOL, mode
+    for check in ("losses", "factors", "frozen_loss", "w_untouched"):
+        assert mode[check] == "ok", (check, mode[check])
     assert mode["factor_change"] > 1e-3, "the steps must actually move the factors"
-    assert mode["frozen_loss_diff"] <= TOL, mode
-    assert mode["w_untouched"], "W changed"
     hlo = mode["hlo"]
     assert hlo["bound"] < hlo["smallest_w_shard"], hlo
     big = [e for e in hlo["extra"] if math.prod(e[2]) > hlo["bound"]]
@@ -487,7 +483,7 @@ class _Cluster:
                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                    "--process-id", str(i), *self.argv, *(extra or {}).get(i, [])]
             # A persistent compilation cache lets the restarted job skip recompiling.
-            env = {**_subprocess_env(2), "JAX_COMPILATION_CACHE_DIR": str(self.workdir / "xla"),
+            env = {**cpu_devices_env(2), "JAX_COMPILATION_CACHE_DIR": str(self.workdir / "xla"),
                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
             with open(log, "w") as out:
                 self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
@@ -571,8 +567,15 @@ def test_two_processes_train_lose_a_host_restart_and_restore(tmp_path):
     # The single-process, single-device run of the same 6 steps.
     reference = td.train(config, td.make_mesh({"data": 1}, jax.devices()[:1]), log_every=0)
     restored = lorax.restore(ckpt, reference)
-    assert _max_diff(lorax.split(restored)[0], lorax.split(reference)[0]) <= TOL
-    assert abs(checksums.pop() - td.checksum(lorax.split(reference)[0])) <= 1e-3
+    # AdamW divides by each gradient entry's RMS, so the rounding of small gradient entries
+    # (summed in another order over 2 processes x 2 devices) becomes a relative error of their
+    # updates; over 6 steps the factors differ by up to ~150 eps of their scale (measured).
+    factors = lorax.split(reference)[0]
+    assert_close(lorax.split(restored)[0], factors, ulps=1024)
+    # The checksum sums every factor: rounding relative to the sum of their magnitudes.
+    magnitude = float(sum(np.abs(np.asarray(x, np.float64)).sum()
+                          for x in jax.tree.leaves(factors)))
+    assert_close(checksums.pop(), td.checksum(factors), dtype=np.float32, scale=magnitude)
     assert time.monotonic() - t0 < 120
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import pathlib
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 from cost_model import abstract_params, full_step_flops, lora_step_flops
-from helpers import dense_delta, lora_nodes
+from helpers import assert_close, dense_delta, lora_nodes
 
 import lorax
 import lorax.peft
@@ -94,10 +95,9 @@ def test_magnitude_is_the_column_norm_and_identity_at_init(params):
     for node in nodes:
         w = np.asarray(node.w, np.float64)
         axes = tuple(range(node.n_stack, node.n_stack + node.n_in))
-        np.testing.assert_allclose(node.magnitude, np.sqrt((w * w).sum(axes)), rtol=1e-6)
+        assert_close(node.magnitude, np.sqrt((w * w).sum(axes)), err_msg=node.path)
         assert node.magnitude.shape == node.out_shape
-    np.testing.assert_allclose(lorax.lora(_apply)(lp, IDS), _apply(params, IDS), rtol=1e-5,
-                               atol=1e-5)
+    assert_close(lorax.lora(_apply)(lp, IDS), _apply(params, IDS))
 
 
 def test_forward_matches_dense_dora(params):
@@ -105,7 +105,7 @@ def test_forward_matches_dense_dora(params):
     with jax.default_matmul_precision("highest"):
         got = lorax.lora(_apply)(lp, IDS)
         want = _apply(_dense_tree(lp), IDS)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert_close(got, want)
 
 
 def test_gradients_match_dense_dora_with_constant_norm(params):
@@ -128,10 +128,10 @@ def test_gradients_match_dense_dora_with_constant_norm(params):
     with jax.default_matmul_precision("highest"):
         got = jax.grad(lambda t: jnp.sum(lorax.lora(_apply)(t, IDS) ** 2))(lp)
         want = jax.grad(dense_loss)(lp)
-    for g, w in zip(lora_nodes(got), lora_nodes(want), strict=True):
-        for field in ("a", "b", "magnitude"):
-            np.testing.assert_allclose(getattr(g, field), getattr(w, field), rtol=2e-4,
-                                       atol=2e-4, err_msg=f"{g.path}.{field}")
+    def trained(tree):  # the dense reference also differentiates w, which DoRA freezes
+        return [(n.a, n.b, n.magnitude) for n in lora_nodes(tree)]
+
+    assert_close(trained(got), trained(want))
 
 
 def test_factorized_norm_matches_dense_norm():
@@ -141,7 +141,7 @@ def test_factorized_norm_matches_dense_norm():
     v = w + dense_delta(a, b, 0.7, n_stack=1)
     got = dora.adapted_norm(jnp.asarray(w, jnp.float32), jnp.asarray(a, jnp.float32),
                             jnp.asarray(b, jnp.float32), 0.7, 1, 2)
-    np.testing.assert_allclose(got, np.sqrt((v * v).sum((1, 2))), rtol=1e-5)
+    assert_close(got, np.sqrt((v * v).sum((1, 2))))
 
 
 def test_stacked_kernels_in_scan():
@@ -158,7 +158,7 @@ def test_stacked_kernels_in_scan():
         return jax.lax.scan(body, x, p["w"])[1]
 
     want = np.einsum("bi,lio->lbo", np.asarray(x, np.float64), dense_dora(lp["w"]))
-    np.testing.assert_allclose(lorax.lora(f)(lp, x), want, rtol=1e-5, atol=1e-5)
+    assert_close(lorax.lora(f)(lp, x), want)
 
 
 def test_conv_kernel():
@@ -170,7 +170,7 @@ def test_conv_kernel():
     with jax.default_matmul_precision("highest"):
         got = lorax.lora(lambda p, x: conv.apply({"params": p}, x))(lp, x)
         want = conv.apply({"params": _dense_tree(lp)}, x)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert_close(got, want)
 
 
 def test_merge_and_unmerge(params):
@@ -180,12 +180,10 @@ def test_merge_and_unmerge(params):
         leaf = merged
         for part in path.split("/"):
             leaf = leaf[part]
-        np.testing.assert_allclose(leaf, dense_dora(node), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(_apply(merged, IDS), lorax.lora(_apply)(lp, IDS), rtol=1e-4,
-                               atol=1e-5)
+        assert_close(leaf, dense_dora(node), err_msg=path)
+    assert_close(_apply(merged, IDS), lorax.lora(_apply)(lp, IDS))
     back = lorax.unmerge(merged, lp)
-    for got, want in zip(lora_nodes(back), lora_nodes(lp), strict=True):
-        np.testing.assert_allclose(got.w, want.w, rtol=1e-5, atol=1e-5)
+    assert_close(lorax.unwrap(back), lorax.unwrap(lp))
 
 
 def test_optimizer_trains_magnitude_and_factors_only(params):
@@ -201,12 +199,8 @@ def test_optimizer_trains_magnitude_and_factors_only(params):
         return optax.apply_updates(lp, updates), state
 
     new, _ = step(lp, state)
-    changed = jax.tree.map(lambda x, y: bool(jnp.any(x != y)), lp, new)
-    mask = lorax.trainable(lp)
-    for c, m in zip(jax.tree.leaves(changed), jax.tree.leaves(mask), strict=True):
-        assert m or not c  # frozen leaves never change
+    chex.assert_trees_all_equal(lorax.split(new)[1], lorax.split(lp)[1])  # frozen: unchanged
     for old, upd in zip(lora_nodes(lp), lora_nodes(new), strict=True):
-        assert (old.w == upd.w).all()
         assert not (old.magnitude == upd.magnitude).all(), old.path
     trainable, frozen = lorax.split(lp)
     assert trainable["Dense_0"]["kernel"].magnitude is not None

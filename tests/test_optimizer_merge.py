@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from helpers import (
+    assert_close,
     assert_trees_equal,
     bits,
     dense_delta,
@@ -73,16 +74,14 @@ def _step(tx, tree, state):
 
 def test_identity_at_init(params, lp):
     # b = 0, so the adapter adds exact zeros; XLA may still fuse the two programs differently.
-    np.testing.assert_allclose(np.asarray(jax.jit(lorax.lora(forward))(lp, X)),
-                               np.asarray(jax.jit(forward)(params, X)), rtol=0, atol=1e-6)
+    assert_close(jax.jit(lorax.lora(forward))(lp, X), jax.jit(forward)(params, X))
     # Exactly the program without adapters run the same way (lorax.lora on the plain params):
     # eager `forward` itself may round differently (by an ulp on jax 0.7.1, which dispatches
     # eager jnp ops differently from binding the traced equations one by one).
     got = np.asarray(lorax.lora(forward)(lp, X))
     np.testing.assert_array_equal(got, np.asarray(lorax.lora(forward)(params, X)))
     ref = np.asarray(forward(params, X))
-    np.testing.assert_allclose(got, ref, rtol=0,
-                               atol=4 * np.finfo(np.float32).eps * np.abs(ref).max())
+    assert_close(got, ref, ulps=4)
 
 
 def test_trainable_mask(lp):
@@ -179,15 +178,13 @@ def test_merge_float32_matches_dense_math(params, lp):
     merged = lorax.merge(tuned)
     node = tuned["dense"]["kernel"]
     assert merged["dense"]["kernel"].dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(merged["dense"]["kernel"]), dense_kernel(node),
-                               rtol=1e-6, atol=1e-6)
+    assert_close(merged["dense"]["kernel"], dense_kernel(node))
     assert np.max(np.abs(dense_delta(node.a, node.b, node.scale))) > 1e-2  # a real change
     # Boxes become their values, other leaves pass through: no copies.
     assert merged["head"]["kernel"] is params["head"]["kernel"]
     assert merged["dense"]["bias"] is params["dense"]["bias"]
     # The merged model computes what the factorized one does.
-    np.testing.assert_allclose(np.asarray(forward(merged, X)),
-                               np.asarray(lorax.lora(forward)(tuned, X)), rtol=1e-5, atol=1e-5)
+    assert_close(forward(merged, X), lorax.lora(forward)(tuned, X))
 
 
 def test_merge_bf16_base_rounds_once_exact():
@@ -230,8 +227,7 @@ def test_unmerge_recovers_w(params, lp):
     merged = lorax.merge(tuned)
     back = lorax.unmerge(merged, tuned)
     node, back_node = tuned["dense"]["kernel"], back["dense"]["kernel"]
-    np.testing.assert_allclose(np.asarray(back_node.w), np.asarray(params["dense"]["kernel"]),
-                               rtol=1e-6, atol=1e-6)
+    assert_close(back_node.w, params["dense"]["kernel"])
     assert back_node.a is node.a and back_node.b is node.b
     assert (back_node.scale, back_node.rank, back_node.path) == (node.scale, node.rank,
                                                                  node.path)

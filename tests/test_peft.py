@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import assert_close
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -33,7 +34,8 @@ from lorax.peft import TorchParam
 
 FIXTURE = pathlib.Path(bert.__file__).resolve().parent / "fixtures" / "peft_bert"
 ADAPTERS = {"adapter": "lora_hidden", "adapter_rslora": "rslora_hidden"}
-TOLERANCE = 1e-4
+# Against PyTorch + PEFT (other kernels, other summation orders) over a whole model.
+TOLERANCE = {"dtype": np.float32, "ulps": 128}
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +148,7 @@ def test_fixture_is_small_and_from_peft():
 
 def test_base_model_matches_hf(forward, params, inputs, reference):
     hidden = np.asarray(forward({"params": params}, *inputs))
-    assert np.abs(hidden - reference["base_hidden"]).max() <= TOLERANCE
+    assert_close(hidden, reference["base_hidden"], **TOLERANCE)
 
 
 @pytest.mark.parametrize("adapter", sorted(ADAPTERS))
@@ -155,9 +157,9 @@ def test_load_matches_peft_outputs(adapter, config, params, forward, inputs, ref
     expected = reference[ADAPTERS[adapter]]
     assert np.abs(expected - reference["base_hidden"]).max() > 0.1  # the adapter matters
     factorized = np.asarray(forward({"params": tree}, *inputs))
-    assert np.abs(factorized - expected).max() <= TOLERANCE
+    assert_close(factorized, expected, **TOLERANCE)
     merged = np.asarray(forward({"params": lorax.merge(tree)}, *inputs))
-    assert np.abs(merged - expected).max() <= TOLERANCE
+    assert_close(merged, expected, **TOLERANCE)
 
     # Every adapted module has PEFT's rank and scale (rank_pattern / alpha_pattern applied).
     view = _peft_view(_read_config(FIXTURE / adapter), config)
@@ -237,7 +239,7 @@ def test_saved_adapter_loads_back_to_same_outputs(params, forward, inputs, refer
     lorax.peft.save(tmp_path, tree, name_map=name_map)
     again = lorax.peft.load(tmp_path, params, name_map=name_map)
     hidden = np.asarray(forward({"params": again}, *inputs))
-    assert np.abs(hidden - reference["lora_hidden"]).max() <= TOLERANCE
+    assert_close(hidden, reference["lora_hidden"], **TOLERANCE)
 
 
 # ---------------------------------------------------------------------- round trips

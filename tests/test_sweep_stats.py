@@ -5,16 +5,10 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
+from helpers import assert_close
 
 from experiments import stats, sweep
-
-EPS = np.finfo(np.float64).eps
-
-
-def _close(a: float, b: float, ulps: float = 64) -> bool:
-    return abs(a - b) <= ulps * EPS * max(abs(a), abs(b), 1.0)
 
 
 def _record(run, lr, seed, val, test, method="lora", rank=8, targets="q,v"):
@@ -53,13 +47,15 @@ def test_aggregate_matches_hand_computed_values(results_file):
     assert (a.lr, full.lr) == (1e-3, 1e-4)
     assert a.seeds == (0, 1, 2) and a.test["pearson"].kind == "min-max"
     # Test Pearson of lr 1e-3's seeds: 0.69, 0.70, 0.74 -> mean 0.71, range [0.69, 0.74].
-    assert _close(a.test["pearson"].mean, 0.71)
+    assert_close(a.test["pearson"].mean, 0.71)
     assert (a.test["pearson"].lo, a.test["pearson"].hi) == (0.69, 0.74)
-    assert _close(a.test["mse"].mean, 0.29) and _close(a.test["acc3"].mean, 0.355)
-    assert _close(a.val["pearson"].mean, 0.80)
-    assert _close(full.test["pearson"].mean, 0.5)
+    assert_close(a.test["mse"].mean, 0.29)
+    assert_close(a.test["acc3"].mean, 0.355)
+    assert_close(a.val["pearson"].mean, 0.80)
+    assert_close(full.test["pearson"].mean, 0.5)
     assert (full.test["pearson"].lo, full.test["pearson"].hi) == (0.4, 0.6)
-    assert _close(a.lr_scores[3e-3], 0.75) and _close(full.lr_scores[3e-4], 0.70)
+    assert_close(a.lr_scores[3e-3], 0.75)
+    assert_close(full.lr_scores[3e-4], 0.70)
     table = stats.report(list(rows.values()))
     assert "| a | lora | q,v | 8 | 74,113 | 0.001 | 3 | 0.7100 [0.6900, 0.7400] |" in table
     assert "**0.001: 0.8000**" in table and "0.003: 0.7500" in table
@@ -71,8 +67,11 @@ def test_t_interval_for_five_seeds():
     mean = 3.65 / 5
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 4)
     half = 2.7764451051977987 * sd / math.sqrt(5)  # t_{0.975, 4} from tables
-    assert got.kind == "t95" and _close(got.mean, mean)
-    assert _close(got.lo, mean - half, 1e6) and _close(got.hi, mean + half, 1e6)
+    assert got.kind == "t95"
+    assert_close(got.mean, mean)
+    # scipy's t quantile is an iterative solve: within 1 eps here, given room across versions.
+    assert_close(got.lo, mean - half, ulps=1e6)
+    assert_close(got.hi, mean + half, ulps=1e6)
 
 
 def test_interval_kinds_and_quantiles():
