@@ -169,10 +169,10 @@ def _vma_step(model: gpt.GPT, tx, pcast_frozen: bool):
         if pcast_frozen:  # the workaround: make W device-varying so no `pvary` is inserted on it
             frozen = jax.tree.map(lambda x: lorax.compat.pvary(x, "data"), frozen)
 
-        def loss_of(t):
-            return jax.lax.pmean(loss_fn(lorax.combine(t, frozen), tokens), "data")
+        def loss_of(lp):
+            return jax.lax.pmean(loss_fn(lp, tokens), "data")
 
-        loss, grads = jax.value_and_grad(loss_of)(train)
+        loss, grads = lorax.value_and_grad(loss_of)(lorax.combine(train, frozen))
         updates, opt_state = tx.update(grads, opt_state, train)
         return optax.apply_updates(train, updates), opt_state, loss
 
@@ -258,6 +258,16 @@ def _modes_worker(report_path: str) -> None:
             **more,
         }
 
+    def run_steps(step, train, frozen, opt_state, batch_sh):
+        # Compile once; the executable both runs the steps and shows its collectives.
+        step = step.lower(train, frozen, opt_state, batches[0]).compile()
+        losses = []
+        for tokens in batches:
+            train, opt_state, loss = step(train, frozen, opt_state,
+                                          jax.device_put(tokens, batch_sh))
+            losses.append(float(loss))
+        return step, train, losses
+
     def jit_mode(name):
         mesh = td.make_mesh(MESHES[name])
         specs = td.param_specs(params, mesh)
@@ -274,13 +284,7 @@ def _modes_worker(report_path: str) -> None:
         step = jax.jit(td.make_train_step(model, tx),
                        in_shardings=(train_sh, frozen_sh, opt_sh, batch_sh),
                        out_shardings=(train_sh, opt_sh, NamedSharding(mesh, P())))
-        # Compile once; the executable both runs the steps and shows its collectives.
-        step = step.lower(train, frozen, opt_state, batches[0]).compile()
-        losses = []
-        for tokens in batches:
-            train, opt_state, loss = step(train, frozen, opt_state,
-                                          jax.device_put(tokens, batch_sh))
-            losses.append(float(loss))
+        step, train, losses = run_steps(step, train, frozen, opt_state, batch_sh)
         act_sh = NamedSharding(mesh, P(*td.batch_spec(mesh), None))
         frozen_fn = jax.jit(_frozen_step(model), in_shardings=(base_sh, batch_sh),
                             out_shardings=(NamedSharding(mesh, P()), act_sh))
@@ -339,12 +343,7 @@ def _modes_worker(report_path: str) -> None:
         step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, rep, rows),
                                      out_specs=(rep, rep, rep), **kw))
         batch_sh = NamedSharding(mesh, rows)
-        step = step.lower(train, frozen, opt_state, batches[0]).compile()
-        losses = []
-        for tokens in batches:
-            train, opt_state, loss = step(train, frozen, opt_state,
-                                          jax.device_put(tokens, batch_sh))
-            losses.append(float(loss))
+        step, train, losses = run_steps(step, train, frozen, opt_state, batch_sh)
         frozen_fn = jax.jit(jax.shard_map(_frozen_step(model, "data"), mesh=mesh,
                                           in_specs=(rep, rows), out_specs=(rep, rows)))
         base = jax.device_put(params, NamedSharding(mesh, P()))

@@ -630,8 +630,8 @@ def measured(name: str, compile: bool = False) -> dict[str, float]:
         return jax.value_and_grad(lambda p: _loss(m.apply(p, x)))(p)
 
     def lora_step(t, frozen, x):
-        return jax.value_and_grad(
-            lambda t: _loss(lorax.lora(m.apply)(lorax.combine(t, frozen), x)))(t)
+        return lorax.value_and_grad(
+            lambda p: _loss(lorax.lora(m.apply)(p, x)))(lorax.combine(t, frozen))
 
     factors = {}
     for path, k in m.kernels.items():

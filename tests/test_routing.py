@@ -123,10 +123,10 @@ def test_routed_train_step_flops():
     ids = jax.ShapeDtypeStruct((X.shape[0],), jnp.int32)
 
     def step(train, frozen, state, x, y, ids):
-        def loss(t):
-            return ce(lorax.lora(apply)(lorax.combine(t, frozen), x, adapter_ids=ids), y)
+        def loss(lp):
+            return ce(lorax.lora(apply)(lp, x, adapter_ids=ids), y)
 
-        value, grads = jax.value_and_grad(loss)(train)
+        value, grads = lorax.value_and_grad(loss)(lorax.combine(train, frozen))
         updates, state = tx.update(grads, state, train)
         return value, optax.apply_updates(train, updates), state
 
