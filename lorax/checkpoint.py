@@ -12,6 +12,7 @@ half-written one invisible.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,10 +21,12 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
 
 from lorax.node import FullyTrained, LoRA, is_adapted, is_array_like, is_node
 from lorax.partition import combine, split
 from lorax.paths import check_tree, path_str
+from lorax.sharding import node_specs
 from lorax.version import __version__
 
 FORMAT = 1
@@ -123,13 +126,30 @@ def wrapped_like(meta: dict[str, Any], params: Any, where: str = "the checkpoint
         if path not in kernels:
             return leaf
         k = kernels[path]
-        spec = {name: jax.ShapeDtypeStruct(tuple(k[name][0]), k[name][1])
+        node = LoRA(w=leaf, a=None, b=None, scale=k["scale"], rank=k["rank"],
+                    n_stack=k["n_stack"], n_in=k["n_in"], path=path, dropout=k["dropout"],
+                    layout=k.get("layout"))
+        where_to = _factor_shardings(node)
+        spec = {name: jax.ShapeDtypeStruct(tuple(k[name][0]), k[name][1],
+                                           sharding=where_to[name])
                 for name in ("a", "b", "magnitude") if name in k}
-        return LoRA(w=leaf, a=spec["a"], b=spec["b"], magnitude=spec.get("magnitude"),
-                    scale=k["scale"], rank=k["rank"], n_stack=k["n_stack"], n_in=k["n_in"],
-                    path=path, dropout=k["dropout"], layout=k.get("layout"))
+        return dataclasses.replace(node, a=spec["a"], b=spec["b"],
+                                   magnitude=spec.get("magnitude"))
 
     return jax.tree_util.tree_map_with_path(build, params)
+
+
+def _factor_shardings(node: LoRA) -> dict[str, Any]:
+    """Where restored factors go: the factor shardings of ``w``'s ``NamedSharding``, else
+    ``w``'s device (the default device for a NumPy ``w``)."""
+    sharding = getattr(node.w, "sharding", None)
+    if isinstance(sharding, NamedSharding):  # a placeholder magnitude gets its spec made too
+        specs = node_specs(dataclasses.replace(node, magnitude=0), sharding.spec)
+        return {name: NamedSharding(sharding.mesh, getattr(specs, name))
+                for name in ("a", "b", "magnitude")}
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return dict.fromkeys(("a", "b", "magnitude"), sharding)
 
 
 def _abstract(tree: Any) -> Any:

@@ -220,7 +220,7 @@ def partition_specs(tree: Any, base_specs: Any, *, rules: Rules | None = None) -
         path = path_str(keypath)
         spec = _base_spec(raw, rules, path)
         if is_adapted(leaf):
-            out.append(_node_specs(leaf, spec))
+            out.append(node_specs(leaf, spec))
         elif isinstance(leaf, FullyTrained):
             out.append(FullyTrained(spec))
         else:
@@ -228,8 +228,8 @@ def partition_specs(tree: Any, base_specs: Any, *, rules: Rules | None = None) -
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _node_specs(node: LoRA | MultiLoRA, spec: PartitionSpec) -> LoRA | MultiLoRA:
-    """``node`` with every array replaced by its spec (static fields kept)."""
+def node_specs(node: LoRA | MultiLoRA, spec: PartitionSpec) -> LoRA | MultiLoRA:
+    """``node`` with every array replaced by its spec, given ``w``'s spec (static fields kept)."""
     a_spec, b_spec = factor_specs(spec, node)
     # A quantized w (lorax.quantize) stores flattened blocks with no axis matching the kernel's:
     # its codes and scales are replicated.

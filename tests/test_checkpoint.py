@@ -100,6 +100,20 @@ def test_restore_into_plain_params_rebuilds_the_wrap_from_metadata(tmp_path):
     assert got["mlp"]["kernel"].w is params["mlp"]["kernel"]
 
 
+def test_restore_into_sharded_plain_params_places_factors_like_wrap(tmp_path):
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+    params = jax.device_put(_params(), NamedSharding(mesh, P(None, "model")))
+    lp = _trained(lorax.wrap(params, rank=2, dora=True, targets="attn|mlp"))
+    lorax.save(tmp_path, lp)
+    got = lorax.restore(tmp_path, params)
+    assert_trees_equal(got, lp)
+    want = lorax.shardings(lp, jax.tree.map(lambda x: x.sharding.spec, params), mesh)
+    assert jax.tree.map(lambda x: x.sharding, got) == want
+
+
 def test_restore_into_plain_params_refuses_what_metadata_cannot_rebuild(tmp_path):
     params = _params()
     lorax.save(tmp_path / "named", lorax.add_adapter(params, "fr", rank=1, targets="attn"))
