@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax.layouts import layout_order, stored_layout
+from lorax.layouts import axis_groups, layout_order, stored_layout
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node
 from lorax.paths import listing, path_str
 from lorax.peft.config import module_to_save_matches, rank_and_scale, read_config
@@ -274,7 +274,7 @@ def _module_factors(directory: Path, config: dict[str, Any], module: str, sides:
     shape = tuple(slot.leaf.shape)
     n_stack, n_in = layout.count("s"), layout.count("i")
     canonical = tuple(shape[j] for j in layout_order(layout))
-    in_shape, out_shape = canonical[n_stack : n_stack + n_in], canonical[n_stack + n_in :]
+    _, in_shape, out_shape = axis_groups(canonical, n_stack, n_in)
     rank, scale = rank_and_scale(config, module)
     for key, array, expected in (
         (key_a, A, (rank, math.prod(in_shape))),
