@@ -19,6 +19,7 @@ from jax.extend.core import primitives as prims
 
 from lorax import dora, routing
 from lorax.lora_value import LoRAValue, layout_error, transpose
+from lorax.lowrank import lowrank_term
 from lorax.node import LoRA
 from lorax.qmatmul import frozen_product
 from lorax.view_rules import (
@@ -85,11 +86,13 @@ def _lowrank_dot(v: LoRAValue, x: jax.Array, x_contract, x_batch, w_contract, w_
                  params) -> jax.Array:
     """The low-rank term of ``dot_general`` with ``v`` on ``side`` (0 = lhs, 1 = rhs).
 
-    ``t = x·first`` contracts the kernel's used axes with one factor (``a`` when the input axes
-    are contracted, ``b`` for ``x @ W.T``), then ``t·second`` contracts the rank; stack axes the
-    program batches over are batch axes of both products, the other ("free") stack axes become
-    batch axes of the second one (e.g. Gemma's k/v selector axis). The result is transposed to
-    the program's output order.
+    The first factor contracts the kernel's used axes (``a`` when the input axes are
+    contracted, ``b`` for ``x @ W.T``), the second the rank; stack axes the program batches over
+    are batch axes of both products, the other ("free") stack axes batch axes of the second one
+    (e.g. Gemma's k/v selector axis). The operands are brought into
+    :func:`lorax.lowrank.lowrank_term`'s canonical order (the factors are transposed, never the
+    activation when its contracted axes already trail), and the result is transposed to the
+    program's output order.
     """
     node = v.node
     stack, ins, outs = _axis_groups(node)
@@ -98,39 +101,42 @@ def _lowrank_dot(v: LoRAValue, x: jax.Array, x_contract, x_batch, w_contract, w_
     if not set(bw) <= set(stack):
         raise layout_error(v, "dot_general", cw, bw)
     if sorted(cw) == list(ins):
-        first, second = node.a, node.b
-        first_axes = cw  # a: (*stack, *in, r) keeps canonical stack/in positions
-        second_r_axis = node.n_stack
-        second_free = list(outs)
+        first, second, kept = node.a, node.b, list(outs)
     elif sorted(cw) == list(outs):
-        first, second = node.b, node.a
-        first_axes = [c - node.n_in + 1 for c in cw]  # b: (*stack, r, *out)
-        second_r_axis = node.n_stack + node.n_in  # a: (*stack, *in, r)
-        second_free = list(ins)
+        first, second, kept = node.b, node.a, list(ins)
     else:
         raise layout_error(v, "dot_general", cw, bw)
+    # Each canonical axis's position in a: (*stack, *in, r) and in b: (*stack, r, *out).
+    a_axis = {**{c: c for c in (*stack, *ins)}, "r": node.n_stack + node.n_in}
+    b_axis = {**{c: c for c in stack}, "r": node.n_stack,
+              **{c: c - node.n_in + 1 for c in outs}}
+    first_axis, second_axis = (a_axis, b_axis) if first is node.a else (b_axis, a_axis)
     free_stack = [c for c in stack if c not in bw]
+    # x as (*batch, *free, *contract), contracted axes in their order in x.
+    pairs = sorted(zip(x_contract, cw, strict=True))
+    x_free = [d for d in range(x.ndim) if d not in x_contract and d not in x_batch]
     dtype = x.dtype
-    x = _dropout(x, v.key, node.dropout)
-    first, second = first.astype(dtype), second.astype(dtype)
-    precision, pref = params.get("precision"), params.get("preferred_element_type")
-    # t: (*batch, *x_free, *free_stack, r)
-    t = lax.dot_general(x, first, ((x_contract, first_axes), (x_batch, bw)), precision=precision,
-                        out_sharding=_rank_sharding(x, x_contract, x_batch, len(free_stack)))
-    t = t * jnp.asarray(node.scale, t.dtype)
-    nb, n_xfree = len(bw), t.ndim - len(bw) - len(free_stack) - 1
-    t_stack = [nb + n_xfree + k for k in range(len(free_stack))]
-    # low: (*batch, *free_stack, *x_free, *second_free)
-    low = lax.dot_general(t, second, (([t.ndim - 1], [second_r_axis]),
-                                      ([*range(nb), *t_stack], [*bw, *free_stack])),
-                          precision=precision, preferred_element_type=pref)
-    # Label low's axes, then order them as the program's dot_general output.
+    x = transpose(_dropout(x, v.key, node.dropout),
+                  (*x_batch, *x_free, *(d for d, _ in pairs)))
+    first = transpose(first.astype(dtype), (*(first_axis[c] for c in bw),
+                                            *(first_axis[c] for c in free_stack),
+                                            *(first_axis[c] for _, c in pairs), first_axis["r"]))
+    second = transpose(second.astype(dtype), (*bw, *free_stack, second_axis["r"],
+                                              *(second_axis[c] for c in kept)))
+    low = lowrank_term(
+        x, first, second, n_batch=len(bw), n_free_stack=len(free_stack), scale=node.scale,
+        precision=params.get("precision"),
+        preferred_element_type=params.get("preferred_element_type"),
+        out_sharding=_rank_sharding(x, range(x.ndim - len(pairs), x.ndim), range(len(bw)),
+                                    len(free_stack)))
+    # low: (*batch, *free_stack, *x_free, *kept); order it as the program's output.
+    nb, n_xfree = len(bw), len(x_free)
     labels = ([("b", k) for k in range(nb)] + [("w", c) for c in free_stack]
-              + [("x", k) for k in range(n_xfree)] + [("w", c) for c in second_free])
+              + [("x", k) for k in range(n_xfree)] + [("w", c) for c in kept])
     w_free = [("w", v.perm[d]) for d in range(v.ndim) if d not in w_contract and d not in w_batch]
-    x_free = [("x", k) for k in range(n_xfree)]
+    x_free_labels = [("x", k) for k in range(n_xfree)]
     batch = [("b", k) for k in range(nb)]
-    wanted = [*batch, *x_free, *w_free] if side == 1 else [*batch, *w_free, *x_free]
+    wanted = [*batch, *x_free_labels, *w_free] if side == 1 else [*batch, *w_free, *x_free_labels]
     return transpose(low, tuple(labels.index(label) for label in wanted))
 
 

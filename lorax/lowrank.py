@@ -1,0 +1,167 @@
+"""How the low-rank term ``s·(x·first)·second`` of a factorized consumer is lowered to XLA.
+
+The consumer rules (:mod:`lorax.rules`) reduce every use of a LoRA kernel to one canonical
+problem: an activation ``x`` laid out ``(*batch, *free, *contract)``, a first factor
+``(*batch, *free_stack, *contract, r)`` and a second factor ``(*batch, *free_stack, r, *out)``.
+:func:`lowrank_term` computes it so that its cost follows its FLOPs:
+
+* **Flattened products.** The activation's free axes (e.g. batch × sequence) and the contracted
+  axes (e.g. heads × head_dim) are merged before the two products (bitcasts, no copies), so both
+  are plain matrix products ``(N, K)·(K, r)`` and ``(N, r)·(r, O)``. On 3-D activations XLA
+  otherwise contracts two axes at once in the factor gradients (``tᵀ·dy``, ``xᵀ·g``) and on CPU
+  materializes transposed copies of ``dy``/``x``, recomputing elementwise producers (GELU′, the
+  logit gradient) in transposed order.
+* **A fused epilogue.** With no batch or free-stack axes, ``(N, r)·(r, O)`` is written as ``r``
+  broadcast multiply-adds (:func:`rank_expand`, a ``jax.custom_vjp`` whose backward is the two
+  plain rank-``r`` products), which XLA fuses into the consumer's ``x·W + …`` add: no
+  activation-sized temporary is written and read back.
+
+On meshes with Explicit axes nothing is reshaped (the merged axes would need shardings spelled
+out); the products then contract the axes as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+EPILOGUE_MAX_RANK = 32
+"""The largest rank written as broadcast multiply-adds (:func:`rank_expand`); above it the
+second product is a matrix product (its arithmetic intensity is then worth a kernel)."""
+
+
+def rank_expand(t: jax.Array, second: jax.Array) -> jax.Array:
+    """``t @ second`` for ``t: (N, r)``, ``second: (r, O)`` as ``r`` broadcast multiply-adds.
+
+    Elementwise in the output, so XLA fuses it into whatever consumes it (the frozen
+    product's ``y + …``) instead of writing an ``(N, O)`` temporary; accumulated in float32 at
+    least.
+
+    Example:
+        >>> t, second = jnp.arange(6.0).reshape(3, 2), jnp.ones((2, 4))
+        >>> bool((rank_expand(t, second) == t @ second).all())
+        True
+    """
+    acc = jnp.promote_types(t.dtype, jnp.float32)
+    t, second = t.astype(acc), second.astype(acc)
+    out = t[:, 0:1] * second[0:1, :]
+    for k in range(1, t.shape[1]):
+        out = out + t[:, k:k + 1] * second[k:k + 1, :]
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_lowrank(x: jax.Array, first: jax.Array, second: jax.Array, precision: Any):
+    """``(x·first)·second`` for ``x: (N, K)``, with both activation-sized results (the forward
+    output and the input gradient) written as :func:`rank_expand` epilogues."""
+    return _fused_forward(x, first, second, precision)[0]
+
+
+def _fused_forward(x, first, second, precision):
+    t = lax.dot_general(x, first, (((1,), (0,)), ((), ())), precision=precision)
+    return rank_expand(t, second).astype(x.dtype), (x, first, second, t)
+
+
+def _fused_backward(precision, residuals, g):
+    x, first, second, t = residuals
+    dt = lax.dot_general(g, second.astype(g.dtype), (((1,), (1,)), ((), ())),
+                         precision=precision)
+    dsecond = lax.dot_general(t.astype(g.dtype), g, (((0,), (0,)), ((), ())),
+                              precision=precision)
+    dfirst = lax.dot_general(x, dt.astype(x.dtype), (((0,), (0,)), ((), ())),
+                             precision=precision)
+    dx = rank_expand(dt, first.T).astype(x.dtype)
+    return dx, dfirst.astype(first.dtype), dsecond.astype(second.dtype)
+
+
+_fused_lowrank.defvjp(_fused_forward, _fused_backward)
+
+
+def lowrank_term(
+    x: jax.Array,
+    first: jax.Array,
+    second: jax.Array,
+    *,
+    n_batch: int,
+    n_free_stack: int,
+    scale: Any,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    out_sharding: Any = None,
+) -> jax.Array:
+    """``s·(x·first)·second``, contracting the trailing axes of ``x`` with ``first``.
+
+    Args:
+        x: ``(*batch, *free, *contract)``.
+        first: ``(*batch, *free_stack, *contract, r)``.
+        second: ``(*batch, *free_stack, r, *out)``.
+        n_batch: Number of leading batch axes (shared by all three).
+        n_free_stack: Number of stack axes of the factors that ``x`` does not batch over
+            (e.g. Gemma's k/v selector): batch axes of the second product only.
+        scale: The LoRA scale ``s`` (applied to the rank-sized intermediate).
+        precision: ``dot_general``'s precision.
+        preferred_element_type: The result's accumulation type (the consumer's).
+        out_sharding: On meshes with Explicit axes, the sharding of ``x·first`` (nothing is
+            flattened then); ``None`` elsewhere.
+
+    Returns:
+        ``(*batch, *free_stack, *free, *out)``.
+
+    Example:
+        >>> x = jnp.ones((2, 3, 4))
+        >>> a, b = jnp.ones((4, 2)), jnp.ones((2, 5))
+        >>> lowrank_term(x, a, b, n_batch=0, n_free_stack=0, scale=0.5).shape
+        (2, 3, 5)
+        >>> float(lowrank_term(x, a, b, n_batch=0, n_free_stack=0, scale=0.5)[0, 0, 0])
+        4.0
+    """
+    nb, nf = n_batch, n_free_stack
+    rank = first.shape[-1]
+    batch_shape = x.shape[:nb]
+    free_stack_shape = first.shape[nb:nb + nf]
+    contract_shape = first.shape[nb + nf:-1]
+    nc = len(contract_shape)
+    free_shape = x.shape[nb:x.ndim - nc]
+    out_shape = second.shape[nb + nf + 1:]
+    flatten = out_sharding is None
+    if flatten:
+        x = x.reshape(*batch_shape, math.prod(free_shape), math.prod(contract_shape))
+        first = first.reshape(*batch_shape, *free_stack_shape, math.prod(contract_shape), rank)
+        second = second.reshape(*batch_shape, *free_stack_shape, rank, math.prod(out_shape))
+        nc = 1
+    n_free = x.ndim - nb - nc
+    batch = tuple(range(nb))
+    # t: (*batch, *free, *free_stack, r)
+    if nb == 0 and nf == 0 and flatten and rank <= EPILOGUE_MAX_RANK:
+        second = second * jnp.asarray(scale, second.dtype)
+        low = _fused_lowrank(x, first, second, precision)
+        if preferred_element_type is not None:
+            low = low.astype(preferred_element_type)
+    else:
+        t = lax.dot_general(
+            x, first,
+            ((tuple(range(x.ndim - nc, x.ndim)), tuple(range(nb + nf, nb + nf + nc))),
+             (batch, batch)),
+            precision=precision, out_sharding=out_sharding)
+        t = t * jnp.asarray(scale, t.dtype)
+        # Free stack axes next to the batch: (*batch, *free_stack, *free, r).
+        t = _move(t, [*batch, *range(nb + n_free, nb + n_free + nf), *range(nb, nb + n_free),
+                      t.ndim - 1])
+        stacked = tuple(range(nb + nf))
+        low = lax.dot_general(t, second, (((t.ndim - 1,), (nb + nf,)), (stacked, stacked)),
+                              precision=precision,
+                              preferred_element_type=preferred_element_type)
+    if flatten:
+        low = low.reshape(*batch_shape, *free_stack_shape, *free_shape, *out_shape)
+    return low
+
+
+def _move(x: jax.Array, perm: Sequence[int]) -> jax.Array:
+    perm = tuple(perm)
+    return x if perm == tuple(range(x.ndim)) else lax.transpose(x, perm)
