@@ -101,6 +101,7 @@ def bench_model(
         (``full``, ``frozen``, ``base_forward``) for the rank sweep.
     """
     fns = make_steps(workload)
+    rss = rss and workload.shapes["dtype"] == "float32"  # the workers build float32 models
     progress(f"{workload.name}: compile full/frozen/forward")
     base_compiled, base = base_costs(workload, fns, fast=quick)
     progress(f"{workload.name}: checkpoint full params")
@@ -126,6 +127,8 @@ def bench_model(
         row: dict[str, Any] = {
             "model": workload.name,
             "rank": rank,
+            "dtype": workload.shapes.get("dtype", "float32"),
+            "tokens": workload.batch[0].size,
             "quick": quick,
             "shapes": workload.shapes,
             "total_params": summary.total,
@@ -145,9 +148,14 @@ def bench_model(
         for name, cost in costs.items():
             row[f"flops_{name}"] = cost.flops
             row[f"bytes_accessed_{name}"] = cost.bytes_accessed
-        for name in ("lora", "full", "frozen"):
-            row[f"temp_bytes_{name}"] = costs[name].temp_bytes
-            row[f"argument_bytes_{name}"] = costs[name].argument_bytes
+        for name in ("lora", "full", "frozen", "handwritten"):
+            if name in costs:
+                row[f"temp_bytes_{name}"] = costs[name].temp_bytes
+                row[f"argument_bytes_{name}"] = costs[name].argument_bytes
+                row[f"peak_bytes_{name}"] = costs[name].peak_bytes
+        for name in ("lora", "full", "frozen", "handwritten"):
+            if f"ms_{name}" in wall:
+                row[f"tokens_per_s_{name}"] = row["tokens"] / (wall[f"ms_{name}"] / 1e3)
         row.update(rss_common)
         row["peak_rss_lora"] = None
         if rss:
@@ -204,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", type=_models, default=None,
                         help="comma-separated subset of gpt,minilm (default: both; gpt with "
                         "--quick)")
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"),
+                        default=["float32"],
+                        help="parameter (and compute) dtypes to benchmark (default: float32)")
+    parser.add_argument("--batch", type=_positive, default=None,
+                        help="sequences per batch (default: 8; 2 with --quick)")
     parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=None,
                         help="measure peak RSS in subprocesses (default: on; off with --quick)")
     parser.add_argument("--_worker", choices=WORKER_KINDS, default=None, help=argparse.SUPPRESS)
@@ -229,9 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     workloads, notes = [], []
-    for name in models:
+    for name, dtype in [(name, dtype) for name in models for dtype in args.dtypes]:
         try:
-            workload = make_workload(name, quick)
+            workload = make_workload(name, quick, dtype, args.batch)
         except (ImportError, FileNotFoundError) as err:
             if args.models is not None:
                 parser.error(f"model {name!r} is unavailable: {err}")
@@ -249,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweeps = {
         w.name: [r for r in (QUICK_SWEEP if quick else RANK_SWEEP)
                  if r <= max_rank(w.params, **w.wrap_kwargs)]
-        for w in workloads if w.name == "gpt"
+        for w in workloads if w.name == "gpt" and w.shapes["dtype"] == args.dtypes[0]
     }
     stages = (len(workloads) * (2 + 2 * rss + len(ranks) * (3 + rss))
               + sum(len(set(rs) - set(ranks)) for rs in sweeps.values())
@@ -263,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for workload in workloads:
             rows, base = bench_model(workload, ranks, steps, warmup, rss, quick, progress)
             results += rows
-            if workload.name in sweeps:
+            if workload.name in sweeps and workload.shapes["dtype"] == args.dtypes[0]:
                 known = {row["rank"]: row["flops_lora"] for row in rows}
                 sweep += rank_sweep(workload, sweeps[workload.name], base["frozen"].flops,
                                     base["full"].flops, known, progress)

@@ -16,13 +16,14 @@ from typing import Any
 import jax
 
 import lorax
+from experiments.bench.handwritten import init_factors
 from experiments.bench.steps import Steps, make_steps
 from experiments.bench.workloads import Workload
 
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    """XLA's cost and memory analysis of one compiled program.
+    """XLA's cost and memory analysis of one compiled program (:attr:`peak_bytes` derived).
 
     Attributes:
         flops: ``cost_analysis()["flops"]``.
@@ -39,6 +40,11 @@ class Cost:
     argument_bytes: int
     output_bytes: int
     alias_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        """Arguments + outputs + temporaries, less the donated (aliased) outputs."""
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
 
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -144,6 +150,13 @@ def rank_costs(
     compiled["lora_forward"], costs["lora_forward"] = compile_step(
         steps.lora_forward, lp, workload.batch, fast=True
     )
+    if steps.handwritten is not None:
+        factors = abstract(init_factors(abstract(workload.params), rank))
+        compiled["handwritten"], costs["handwritten"] = compile_step(
+            steps.handwritten, factors, abstract(workload.params),
+            jax.eval_shape(steps.tx_full.init, factors), workload.batch, donate_argnums=(0, 2),
+            fast=fast,
+        )
     return compiled, costs
 
 
@@ -156,8 +169,10 @@ def flop_ratios(costs: dict[str, Cost]) -> dict[str, float]:
 
     Returns:
         ``lora_over_full_flops``, ``lora_over_frozen_flops``, ``merged_over_base_flops``,
-        ``lora_forward_over_base_flops``, ``full_over_frozen_flops`` and
-        ``lora_over_full_bytes_accessed``.
+        ``lora_forward_over_base_flops``, ``full_over_frozen_flops``,
+        ``lora_over_full_bytes_accessed`` and ``lora_over_frozen_bytes_accessed``; with a
+        ``handwritten`` cost also ``lora_over_handwritten_flops`` and
+        ``lora_over_handwritten_bytes_accessed``.
     """
     def ratio(a: str, b: str, attr: str = "flops") -> float:
         return getattr(costs[a], attr) / getattr(costs[b], attr)
@@ -169,6 +184,10 @@ def flop_ratios(costs: dict[str, Cost]) -> dict[str, float]:
         "lora_forward_over_base_flops": ratio("lora_forward", "base_forward"),
         "full_over_frozen_flops": ratio("full", "frozen"),
         "lora_over_full_bytes_accessed": ratio("lora", "full", "bytes_accessed"),
+        "lora_over_frozen_bytes_accessed": ratio("lora", "frozen", "bytes_accessed"),
+        **({"lora_over_handwritten_flops": ratio("lora", "handwritten"),
+            "lora_over_handwritten_bytes_accessed": ratio("lora", "handwritten", "bytes_accessed")}
+           if "handwritten" in costs else {}),
     }
 
 

@@ -72,6 +72,22 @@ def fmt_count(n: float) -> str:
     return f"{int(n)}"
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else fmt_count(value)
+
+
+def _spread(row: dict[str, Any], other: str) -> str:
+    """``median (min-max)`` of the per-round LoRA/``other`` wall ratios, ``-`` if not timed."""
+    key = f"lora_over_{other}_wall"
+    if key not in row:
+        return "-"
+    return f"{row[key]:.2f} ({row[key + '_min']:.2f}-{row[key + '_max']:.2f})"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -110,6 +126,25 @@ def render_markdown(
           f"{r['ms_lora']:.0f} / {r['ms_full']:.0f} / {r['ms_frozen']:.0f}",
           f"{r['flops_lora'] / 1e9:.1f} / {r['flops_full'] / 1e9:.1f} / "
           f"{r['flops_frozen'] / 1e9:.1f}"] for r in results],
+    )
+    lines += ["", "## Against the floor", "",
+              "Bytes and FLOPs: XLA cost analysis; wall: median of per-round ratios (min-max). "
+              "`hand` = the same LoRA step hand-written in plain JAX "
+              "(`x·stop_gradient(W) + s·(x·A)·B`, `experiments/bench/handwritten.py`).", ""]
+    lines += _table(
+        ["model", "r", "dtype", "LoRA/frozen bytes", "LoRA/hand bytes", "LoRA/full bytes",
+         "LoRA/frozen FLOPs", "LoRA/frozen wall", "LoRA/full wall", "LoRA/hand wall",
+         "tokens/s LoRA / frozen / full / hand", "peak LoRA / frozen / full / hand"],
+        [[r["model"], r["rank"], r.get("dtype", "float32"),
+          f"{r['lora_over_frozen_bytes_accessed']:.3f}",
+          _ratio(r.get("lora_over_handwritten_bytes_accessed")),
+          f"{r['lora_over_full_bytes_accessed']:.3f}", f"{r['lora_over_frozen_flops']:.3f}",
+          _spread(r, "frozen"), _spread(r, "full"), _spread(r, "handwritten"),
+          " / ".join(_rate(r.get(f"tokens_per_s_{k}"))
+                     for k in ("lora", "frozen", "full", "handwritten")),
+          " / ".join(fmt_bytes(r[f"peak_bytes_{k}"]) if f"peak_bytes_{k}" in r else "-"
+                     for k in ("lora", "frozen", "full", "handwritten"))]
+         for r in results],
     )
     lines += ["", "## Memory", ""]
     lines += _table(

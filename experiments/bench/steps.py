@@ -14,6 +14,7 @@ import jax
 import optax
 
 import lorax
+from experiments.bench.handwritten import handwritten_step
 from experiments.bench.workloads import Workload
 
 LEARNING_RATE = 1e-3
@@ -32,6 +33,9 @@ class Steps:
         lora_forward: ``(wrapped params, batch) -> outputs``, factorized, unmerged.
         tx_lora: ``lorax.optimizer(optax.adam(...))``.
         tx_full: ``optax.adam(...)``.
+        handwritten: ``(factors, params, opt_state, batch) -> (factors, opt_state, loss)``, the
+            same LoRA step written by hand in plain JAX (:mod:`experiments.bench.handwritten`;
+            GPT only, else ``None``), with Adam on the factors.
     """
 
     lora: Callable[..., Any]
@@ -41,6 +45,7 @@ class Steps:
     lora_forward: Callable[..., Any]
     tx_lora: optax.GradientTransformation
     tx_full: optax.GradientTransformation
+    handwritten: Callable[..., Any] | None = None
 
 
 def make_steps(workload: Workload, learning_rate: float = LEARNING_RATE) -> Steps:
@@ -83,5 +88,8 @@ def make_steps(workload: Workload, learning_rate: float = LEARNING_RATE) -> Step
         h = workload.embed(params, batch)
         return jax.value_and_grad(lambda h: workload.body_loss(params, h, batch))(h)
 
+    handwritten = None
+    if workload.name == "gpt":
+        handwritten = handwritten_step(tx_full, workload.config, lorax.LoRAConfig().alpha)
     return Steps(lora_step, full_step, frozen_step, workload.forward,
-                 lorax.lora(workload.forward), tx_lora, tx_full)
+                 lorax.lora(workload.forward), tx_lora, tx_full, handwritten)

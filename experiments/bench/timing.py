@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import lorax
+from experiments.bench.handwritten import init_factors
 from experiments.bench.steps import Steps
 from experiments.bench.workloads import Workload
 
@@ -50,31 +51,33 @@ def interleaved_wall(
 
 
 def wall_summary(times: dict[str, list[float]]) -> dict[str, float]:
-    """Per-round LoRA/full and LoRA/frozen ratios (median, min, max) and median milliseconds.
+    """Per-round ratios of LoRA to every other step (median, min, max) and median milliseconds.
 
     Example:
         >>> out = wall_summary({"lora": [1.0, 2.0], "full": [2.0, 2.0], "frozen": [1.0, 1.0]})
         >>> out["lora_over_full_wall"], out["lora_over_full_wall_min"], out["ms_full"]
         (0.75, 0.5, 2000.0)
+        >>> out["lora_over_frozen_wall_max"]
+        2.0
     """
-    over_full = [a / b for a, b in zip(times["lora"], times["full"], strict=True)]
-    over_frozen = [a / b for a, b in zip(times["lora"], times["frozen"], strict=True)]
-    return {
-        "lora_over_full_wall": statistics.median(over_full),
-        "lora_over_full_wall_min": min(over_full),
-        "lora_over_full_wall_max": max(over_full),
-        "lora_over_frozen_wall": statistics.median(over_frozen),
-        "ms_lora": 1e3 * statistics.median(times["lora"]),
-        "ms_full": 1e3 * statistics.median(times["full"]),
-        "ms_frozen": 1e3 * statistics.median(times["frozen"]),
-        "wall_steps": len(over_full),
-    }
+    summary: dict[str, float] = {}
+    for other in times:
+        summary[f"ms_{other}"] = 1e3 * statistics.median(times[other])
+        if other == "lora":
+            continue
+        ratios = [a / b for a, b in zip(times["lora"], times[other], strict=True)]
+        summary[f"lora_over_{other}_wall"] = statistics.median(ratios)
+        summary[f"lora_over_{other}_wall_min"] = min(ratios)
+        summary[f"lora_over_{other}_wall_max"] = max(ratios)
+    summary["wall_steps"] = len(times["lora"])
+    return summary
 
 
 def time_steps(
     workload: Workload, steps: Steps, lp: Any, compiled: dict[str, Any], rounds: int, warmup: int
 ) -> dict[str, float]:
-    """Runs the compiled LoRA, full and frozen steps interleaved; see :func:`wall_summary`.
+    """Runs the compiled LoRA, full, frozen (and hand-written LoRA, where compiled) steps
+    interleaved; see :func:`wall_summary`.
 
     Args:
         workload: The model.
@@ -109,4 +112,16 @@ def time_steps(
         return compiled["frozen"](workload.params, batch)
 
     runners = {"lora": run_lora, "full": run_full, "frozen": run_frozen}
+    if "handwritten" in compiled:
+        rank = next(n for n in jax.tree.leaves(lp, is_leaf=lorax.is_lora) if lorax.is_lora(n)).rank
+        factors = init_factors(workload.params, rank)
+        state["handwritten"] = (factors, steps.tx_full.init(factors))
+
+        def run_handwritten() -> Any:
+            f, o = state["handwritten"]
+            f, o, loss = compiled["handwritten"](f, workload.params, o, batch)
+            state["handwritten"] = (f, o)
+            return f, o, loss
+
+        runners["handwritten"] = run_handwritten
     return wall_summary(interleaved_wall(runners, rounds, warmup))

@@ -178,12 +178,35 @@ def minilm_workload(
                     {"train": "^head/"}, shapes, config)
 
 
-def make_workload(name: str, quick: bool = False) -> Workload:
+def with_dtype(workload: Workload, dtype: str) -> Workload:
+    """``workload`` with its floating parameters cast to ``dtype`` (the model then computes in
+    it: Flax layers promote to their parameters' dtype).
+
+    Example:
+        >>> w = with_dtype(gpt_workload(QUICK_GPT, 1, abstract_params=True), "bfloat16")
+        >>> str(w.params["head"]["kernel"].dtype), w.shapes["dtype"]
+        ('bfloat16', 'bfloat16')
+    """
+    def cast(x: Any) -> Any:
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype))
+        return x.astype(dtype)
+
+    return dataclasses.replace(workload, params=jax.tree.map(cast, workload.params),
+                               shapes={**workload.shapes, "dtype": dtype})
+
+
+def make_workload(name: str, quick: bool = False, dtype: str = "float32",
+                  batch_size: int | None = None) -> Workload:
     """The benchmark's workload ``name`` at full size, or tiny with ``quick``.
 
     Args:
         name: One of :data:`MODELS`.
         quick: Tiny shapes (random-init MiniLM-shaped encoder, tiny GPT) for smoke runs.
+        dtype: The parameters' (hence the compute's) dtype, ``"float32"`` or ``"bfloat16"``.
+        batch_size: Sequences per batch (default: 8, or :data:`QUICK_BATCH` with ``quick``).
 
     Returns:
         The workload.
@@ -191,15 +214,20 @@ def make_workload(name: str, quick: bool = False) -> Workload:
     Raises:
         ValueError: For an unknown name.
     """
+    return with_dtype(_make_workload(name, quick, batch_size), dtype)
+
+
+def _make_workload(name: str, quick: bool, batch_size: int | None) -> Workload:
+    batch = batch_size or (QUICK_BATCH if quick else 8)
     if name == "gpt":
-        return gpt_workload(QUICK_GPT, QUICK_BATCH) if quick else gpt_workload()
+        return gpt_workload(QUICK_GPT, batch) if quick else gpt_workload(batch_size=batch)
     if name == "minilm":
         if not quick:
-            return minilm_workload()
+            return minilm_workload(batch)
         from experiments import bert
 
         tiny = bert.BertConfig(vocab_size=512, hidden_size=96, num_hidden_layers=2,
                                num_attention_heads=4, intermediate_size=384,
                                max_position_embeddings=32)
-        return minilm_workload(QUICK_BATCH, 32, tiny)
+        return minilm_workload(batch, 32, tiny)
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
