@@ -83,6 +83,55 @@ def _fused_backward(precision, residuals, g):
 _fused_lowrank.defvjp(_fused_forward, _fused_backward)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _expand_product(t: jax.Array, second: jax.Array, precision: Any) -> jax.Array:
+    """``t·second`` for ``t: (N, r)`` as a :func:`rank_expand` epilogue; the backward is the two
+    rank-``r`` matrix products."""
+    return rank_expand(t, second).astype(t.dtype)
+
+
+def _expand_product_forward(t, second, precision):
+    return _expand_product(t, second, precision), (t, second)
+
+
+def _expand_product_backward(precision, residuals, g):
+    t, second = residuals
+    dt = lax.dot_general(g, second.astype(g.dtype), (((1,), (1,)), ((), ())),
+                         precision=precision)
+    dsecond = lax.dot_general(t.astype(g.dtype), g, (((0,), (0,)), ((), ())),
+                              precision=precision)
+    return dt.astype(t.dtype), dsecond.astype(second.dtype)
+
+
+_expand_product.defvjp(_expand_product_forward, _expand_product_backward)
+
+
+def feature_product(t: jax.Array, second: jax.Array, feature: int,
+                    precision: Any = None) -> jax.Array:
+    """``t``'s rank axis ``feature`` contracted with ``second: (r, O)``, ``O`` in its place.
+
+    The second product of the consumers whose first product is not a matrix product (a
+    convolution with ``a``, an embedding lookup of ``a``): the other axes are flattened (a
+    bitcast when the rank axis is last, as in NHWC convolutions and lookups) and the product
+    is written as a fused epilogue (:func:`rank_expand`) up to :data:`EPILOGUE_MAX_RANK`.
+
+    Example:
+        >>> t = jnp.ones((2, 3, 4))  # rank 3 in the middle
+        >>> feature_product(t, jnp.ones((3, 5)), feature=1).shape
+        (2, 5, 4)
+    """
+    rank = t.shape[feature]
+    t = jnp.moveaxis(t, feature, -1)
+    lead = t.shape[:-1]
+    flat = t.reshape(math.prod(lead), rank)
+    second = second.astype(t.dtype)
+    if rank <= EPILOGUE_MAX_RANK:
+        low = _expand_product(flat, second, precision)
+    else:
+        low = lax.dot_general(flat, second, (((1,), (0,)), ((), ())), precision=precision)
+    return jnp.moveaxis(low.reshape(*lead, second.shape[1]), -1, feature)
+
+
 def lowrank_term(
     x: jax.Array,
     first: jax.Array,

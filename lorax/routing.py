@@ -18,15 +18,13 @@ named adapters is ignored while routing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.extend.core import primitives as prims
 
 from lorax.node import LoRA, MultiLoRA, is_node
-from lorax.qmatmul import frozen_product
 
 
 def adapter_names(tree: Any) -> list[str]:
@@ -91,9 +89,12 @@ def routing_error(node: LoRA, what: str) -> ValueError:
     )
 
 
-def routed_dot(v: Any, x: jax.Array, xc: list[int], xb: list[int], wc: list[int],
-               wb: list[int], side: int, params: dict, dropout) -> jax.Array:
-    """``dot_general(x, W) + (x·a[ids])·b[ids]`` for a routed kernel (``x`` on the left)."""
+def check_routed(v: Any, x: jax.Array, xc: Sequence[int], xb: Sequence[int],
+                 wc: Sequence[int], wb: Sequence[int], side: int) -> None:
+    """Raises the :func:`routing_error` unless ``dot_general(x, W)`` can be routed per example:
+    ``W`` on the right, ``x``'s leading axis the batch of ``adapter_ids`` (neither contracted
+    nor batched), every stack axis batched and the input axes contracted. The low-rank term is
+    then :func:`lorax.rules.dot_general_rule`'s, with the example axis as one more batch axis."""
     node = v.node
     s, n_in = node.n_stack, node.n_in
     cw, bw = [v.perm[d] for d in wc], [v.perm[d] for d in wb]
@@ -105,22 +106,3 @@ def routed_dot(v: Any, x: jax.Array, xc: list[int], xb: list[int], wc: list[int]
     if x.shape[0] != batch:
         raise routing_error(node, f"its input has leading axis {x.shape[0]}, but adapter_ids "
                                   f"has {batch} entries")
-    precision, pref = params.get("precision"), params.get("preferred_element_type")
-    y = frozen_product(prims.dot_general_p, x, node.w, v.w_perm, params)  # the program's x·W
-    xd = dropout(x, v.key, node.dropout)
-    a, b = node.a.astype(x.dtype), node.b.astype(x.dtype)
-    a_axes = [c + 1 for c in cw]  # a: (*stack, B, *in, r)
-    t = lax.dot_general(xd, a, ((xc, a_axes), ([*xb, 0], [*bw, s])), precision=precision)
-    nb = len(xb) + 1
-    low = lax.dot_general(t, b, (([t.ndim - 1], [s + 1]), (list(range(nb)), [*bw, s])),
-                          precision=precision, preferred_element_type=pref)
-    # low: (*batch, B, *x_free_rest, *out canonical); y: (*batch, B, *x_free_rest, *w_free).
-    outs = list(range(s + n_in, len(node.shape)))  # canonical output axes
-    wanted = [v.perm[d] for d in range(v.ndim) if d not in wc and d not in wb]
-    order = [outs.index(c) for c in wanted]
-    if order != sorted(order):
-        lead = low.ndim - len(order)
-        low = lax.transpose(low, (*range(lead), *[lead + o for o in order]))
-    return y + low.astype(y.dtype)
-
-

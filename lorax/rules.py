@@ -19,7 +19,7 @@ from jax.extend.core import primitives as prims
 
 from lorax import dora, routing
 from lorax.lora_value import LoRAValue, layout_error, transpose
-from lorax.lowrank import lowrank_term
+from lorax.lowrank import feature_product, lowrank_term
 from lorax.node import LoRA
 from lorax.qmatmul import frozen_product
 from lorax.view_rules import (
@@ -89,10 +89,11 @@ def _lowrank_dot(v: LoRAValue, x: jax.Array, x_contract, x_batch, w_contract, w_
     The first factor contracts the kernel's used axes (``a`` when the input axes are
     contracted, ``b`` for ``x @ W.T``), the second the rank; stack axes the program batches over
     are batch axes of both products, the other ("free") stack axes batch axes of the second one
-    (e.g. Gemma's k/v selector axis). The operands are brought into
-    :func:`lorax.lowrank.lowrank_term`'s canonical order (the factors are transposed, never the
-    activation when its contracted axes already trail), and the result is transposed to the
-    program's output order.
+    (e.g. Gemma's k/v selector axis), and a routed kernel's per-example axis (its factors'
+    axis after the stacks) is a batch axis paired with the input's leading axis. The operands
+    are brought into :func:`lorax.lowrank.lowrank_term`'s canonical order (the factors are
+    transposed, never the activation when its contracted axes already trail), and the result is
+    transposed to the program's output order.
     """
     node = v.node
     stack, ins, outs = _axis_groups(node)
@@ -106,37 +107,44 @@ def _lowrank_dot(v: LoRAValue, x: jax.Array, x_contract, x_batch, w_contract, w_
         first, second, kept = node.b, node.a, list(ins)
     else:
         raise layout_error(v, "dot_general", cw, bw)
-    # Each canonical axis's position in a: (*stack, *in, r) and in b: (*stack, r, *out).
-    a_axis = {**{c: c for c in (*stack, *ins)}, "r": node.n_stack + node.n_in}
-    b_axis = {**{c: c for c in stack}, "r": node.n_stack,
-              **{c: c - node.n_in + 1 for c in outs}}
+    # Each canonical axis's position in a: (*stack, [E,] *in, r) and b: (*stack, [E,] r, *out).
+    e, s, n_in = int(v.routed), node.n_stack, node.n_in
+    a_axis = {**{c: c for c in stack}, **{c: c + e for c in ins}, "e": s, "r": s + e + n_in}
+    b_axis = {**{c: c for c in stack}, **{c: c - n_in + 1 + e for c in outs}, "e": s,
+              "r": s + e}
     first_axis, second_axis = (a_axis, b_axis) if first is node.a else (b_axis, a_axis)
     free_stack = [c for c in stack if c not in bw]
-    # x as (*batch, *free, *contract), contracted axes in their order in x.
-    pairs = sorted(zip(x_contract, cw, strict=True))
-    x_free = [d for d in range(x.ndim) if d not in x_contract and d not in x_batch]
-    dtype = x.dtype
+    # Batch pairs (x axis, factor axis label): the program's batch axes, then the routed
+    # example axis (x's leading axis).
+    batch = [*zip(x_batch, bw, strict=True), *([(0, "e")] if v.routed else [])]
+    contract = sorted(zip(x_contract, cw, strict=True))  # in x's order
+    x_free = [d for d in range(x.ndim)
+              if d not in x_contract and d not in x_batch and (d, "e") not in batch]
     x = transpose(_dropout(x, v.key, node.dropout),
-                  (*x_batch, *x_free, *(d for d, _ in pairs)))
-    first = transpose(first.astype(dtype), (*(first_axis[c] for c in bw),
-                                            *(first_axis[c] for c in free_stack),
-                                            *(first_axis[c] for _, c in pairs), first_axis["r"]))
-    second = transpose(second.astype(dtype), (*bw, *free_stack, second_axis["r"],
-                                              *(second_axis[c] for c in kept)))
+                  (*(d for d, _ in batch), *x_free, *(d for d, _ in contract)))
+    first = transpose(first.astype(x.dtype), (*(first_axis[c] for _, c in batch),
+                                              *(first_axis[c] for c in free_stack),
+                                              *(first_axis[c] for _, c in contract),
+                                              first_axis["r"]))
+    second = transpose(second.astype(x.dtype), (*(second_axis[c] for _, c in batch),
+                                                *(second_axis[c] for c in free_stack),
+                                                second_axis["r"],
+                                                *(second_axis[c] for c in kept)))
     low = lowrank_term(
-        x, first, second, n_batch=len(bw), n_free_stack=len(free_stack), scale=node.scale,
+        x, first, second, n_batch=len(batch), n_free_stack=len(free_stack), scale=node.scale,
         precision=params.get("precision"),
         preferred_element_type=params.get("preferred_element_type"),
-        out_sharding=_rank_sharding(x, range(x.ndim - len(pairs), x.ndim), range(len(bw)),
-                                    len(free_stack)))
+        out_sharding=_rank_sharding(x, range(x.ndim - len(contract), x.ndim),
+                                    range(len(batch)), len(free_stack)))
     # low: (*batch, *free_stack, *x_free, *kept); order it as the program's output.
-    nb, n_xfree = len(bw), len(x_free)
-    labels = ([("b", k) for k in range(nb)] + [("w", c) for c in free_stack]
-              + [("x", k) for k in range(n_xfree)] + [("w", c) for c in kept])
-    w_free = [("w", v.perm[d]) for d in range(v.ndim) if d not in w_contract and d not in w_batch]
-    x_free_labels = [("x", k) for k in range(n_xfree)]
-    batch = [("b", k) for k in range(nb)]
-    wanted = [*batch, *x_free_labels, *w_free] if side == 1 else [*batch, *w_free, *x_free_labels]
+    labels = [*(("x", d) for d, _ in batch), *(("w", c) for c in free_stack),
+              *(("x", d) for d in x_free), *(("w", c) for c in kept)]
+    prog_batch = [("x", d) for d in x_batch]
+    prog_x_free = [("x", d) for d in range(x.ndim) if d not in x_contract and d not in x_batch]
+    prog_w_free = [("w", v.perm[d]) for d in range(v.ndim)
+                   if d not in w_contract and d not in w_batch]
+    wanted = ([*prog_batch, *prog_x_free, *prog_w_free] if side == 1
+              else [*prog_batch, *prog_w_free, *prog_x_free])
     return transpose(low, tuple(labels.index(label) for label in wanted))
 
 
@@ -149,8 +157,7 @@ def dot_general_rule(invals, params):
     v, x = (rhs, lhs) if side == 1 else (lhs, rhs)
     xc, xb, wc, wb = (lc, lb, rc, rb) if side == 1 else (rc, rb, lc, lb)
     if v.routed:
-        return routing.routed_dot(v, x, list(xc), list(xb), list(wc), list(wb), side, params,
-                                  _dropout)
+        routing.check_routed(v, x, xc, xb, wc, wb, side)
     node = v.node
     stack, _, outs = _axis_groups(node)
     cw, bw = [v.perm[d] for d in wc], [v.perm[d] for d in wb]
@@ -196,9 +203,8 @@ def conv_rule(invals, params):
     t = prims.conv_general_dilated_p.bind(x, a_kernel, **{**params, "preferred_element_type": None})
     t = t * jnp.asarray(node.scale, t.dtype)
     feature = dn.out_spec[1]
-    low = lax.dot_general(t, node.b.astype(t.dtype), (([feature], [0]), ([], [])),
-                          precision=params.get("precision"))
-    y = y + jnp.moveaxis(low, -1, feature).astype(y.dtype)
+    low = feature_product(t, node.b, feature, params.get("precision"))
+    y = y + low.astype(y.dtype)
     if node.magnitude is not None:
         y = y * _dora_scale(node, y.ndim, {outs[0]: feature}, y.dtype)
     return y
@@ -227,8 +233,8 @@ def gather_rule(invals, params):
     kept = [d for d in range(v.ndim) if d not in dn.collapsed_slice_dims]
     feature = dn.offset_dims[kept.index(out_axis)]
     t = _dropout(t, v.key, node.dropout) * jnp.asarray(node.scale, t.dtype)
-    low = lax.dot_general(t, node.b.astype(t.dtype), (([feature], [0]), ([], [])))
-    y = y + jnp.moveaxis(low, -1, feature).astype(y.dtype)
+    low = feature_product(t, node.b, feature)
+    y = y + low.astype(y.dtype)
     if node.magnitude is not None:
         y = y * _dora_scale(node, y.ndim, {outs[0]: feature}, y.dtype)
     return y
