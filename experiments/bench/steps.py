@@ -14,6 +14,7 @@ import jax
 import optax
 
 import lorax
+from experiments import gpt
 from experiments.bench.handwritten import handwritten_step
 from experiments.bench.workloads import Workload
 
@@ -90,6 +91,6 @@ def make_steps(workload: Workload, learning_rate: float = LEARNING_RATE) -> Step
 
     handwritten = None
     if workload.name == "gpt":
-        handwritten = handwritten_step(tx_full, workload.config, lorax.LoRAConfig().alpha)
+        handwritten = handwritten_step(tx_full, gpt.GPT(workload.config), lorax.LoRAConfig().alpha)
     return Steps(lora_step, full_step, frozen_step, workload.forward,
                  lorax.lora(workload.forward), tx_lora, tx_full, handwritten)
