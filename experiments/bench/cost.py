@@ -106,6 +106,16 @@ def lora_cost(workload: Workload, steps: Steps, rank: int, fast: bool = False):
                         donate_argnums=(0, 2), fast=fast)
 
 
+def handwritten_cost(workload: Workload, steps: Steps, rank: int, fast: bool = False):
+    """Compiles the hand-written LoRA step (:mod:`experiments.bench.handwritten`) at ``rank``
+    on abstract arguments (factors and optimizer state donated); returns ``(executable,
+    Cost)``."""
+    factors = abstract(init_factors(abstract(workload.params), rank))
+    return compile_step(steps.handwritten, factors, abstract(workload.params),
+                        jax.eval_shape(steps.tx_full.init, factors), workload.batch,
+                        donate_argnums=(0, 2), fast=fast)
+
+
 def base_costs(
     workload: Workload, steps: Steps, fast: bool = False
 ) -> tuple[dict[str, Any], dict[str, Cost]]:
@@ -151,12 +161,8 @@ def rank_costs(
         steps.lora_forward, lp, workload.batch, fast=True
     )
     if steps.handwritten is not None:
-        factors = abstract(init_factors(abstract(workload.params), rank))
-        compiled["handwritten"], costs["handwritten"] = compile_step(
-            steps.handwritten, factors, abstract(workload.params),
-            jax.eval_shape(steps.tx_full.init, factors), workload.batch, donate_argnums=(0, 2),
-            fast=fast,
-        )
+        compiled["handwritten"], costs["handwritten"] = handwritten_cost(workload, steps, rank,
+                                                                         fast=fast)
     return compiled, costs
 
 

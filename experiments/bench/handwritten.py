@@ -63,7 +63,10 @@ def handwritten_loss(factors: Any, params: Any, batch: tuple[jax.Array, jax.Arra
         n_in = a.ndim - 1
         frozen = jnp.tensordot(x, jax.lax.stop_gradient(variables["kernel"]), n_in)
         y = frozen + scale * jnp.tensordot(jnp.tensordot(x, a, n_in), b, 1)
-        return y + variables["bias"] if "bias" in variables else y
+        if "bias" not in variables:
+            return y
+        bias = variables["bias"]
+        return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
 
     tokens, labels = batch
     with nn.intercept_methods(lora_dense):
