@@ -101,7 +101,8 @@ def select(arrays: Sequence[tuple[str, Any]], config: LoRAConfig) -> Selection:
     _check_targets(targets, target_hits, paths)
     if not adapted:
         default = (" (the default `targets` picks floating leaves of ndim >= 2 named `kernel` or "
-                   "Gemma's einsum weights; pass `targets=` regexes for other names)"
+                   "Gemma's einsum weights, but not the output heads `lm_head`, `logits_dense`, "
+                   "`logitdense`; pass `targets=` regexes for other names)"
                    if targets.is_none else "")
         raise ValueError(f"no leaf was selected for adaptation{default}; {hint(paths)}")
     _check_patterns(config, adapted, paths)

@@ -26,7 +26,7 @@ zero-config ``wrap`` adapts, written down from the model's einsums.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import functools
 
 import flax.linen as nn
 import jax
@@ -35,9 +35,37 @@ import numpy as np
 from flax import nnx
 
 B, T, D, N, H, F, V = 2, 4, 32, 4, 8, 64, 48
+SMALL = {"B": 2, "T": 4, "D": 32, "N": 4, "H": 8, "F": 64, "V": 48}
+BIG = {"B": 2, "T": 16, "D": 256, "N": 4, "H": 64, "F": 1024, "V": 512}
+_ABSTRACT = False
 
 
-def _x(seed: int = 0, shape=(B, T, D)):
+@contextlib.contextmanager
+def big_and_abstract():
+    """Within: the models at :data:`BIG` dims (the modules read these globals when they build
+    and when they run), their params abstract (``jax.ShapeDtypeStruct``)."""
+    global _ABSTRACT
+    names = globals()
+    try:
+        names.update(BIG)
+        _ABSTRACT = True
+        yield
+    finally:
+        names.update(SMALL)
+        _ABSTRACT = False
+
+
+def _linen_params(model, *inputs):
+    init = functools.partial(model.init, jax.random.key(0))
+    return (jax.eval_shape(init, *inputs) if _ABSTRACT else init(*inputs))["params"]
+
+
+def _nnx_split(make):
+    return nnx.split(nnx.eval_shape(make) if _ABSTRACT else make())
+
+
+def _x(seed: int = 0, shape=None):
+    shape = (B, T, D) if shape is None else shape
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
@@ -65,7 +93,8 @@ class _RMSNorm(nn.Module):
     def __call__(self, x):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
                                                                  ("norm",)), (x.shape[-1],))
-        return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+        norm = jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+        return x * norm * scale[None, None]
 
 
 class _Mlp(nn.Module):
@@ -120,7 +149,7 @@ def maxtext(boxed: bool, layers: int = 3):
     """The MaxText-style decoder, its params boxed (``nn.LogicallyPartitioned``) or unboxed."""
     model = _MaxTextTransformer(layers)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (B, T)), jnp.int32)
-    params = model.init(jax.random.key(0), ids)["params"]
+    params = _linen_params(model, ids)
     if not boxed:
         params = nn.unbox(params)
 
@@ -179,7 +208,7 @@ def vit(depth: int):
     """The ViT with ``depth`` scanned blocks under ``Transformer/encoderblock``."""
     model = _ViT(depth)
     image = _x(2, (B, 8, 8, 3))
-    params = model.init(jax.random.key(0), image)["params"]
+    params = _linen_params(model, image)
 
     def fn(p, image):
         return model.apply({"params": p}, image)
@@ -207,7 +236,8 @@ class _RMSNormNNX(nnx.Module):
         self.scale = nnx.Param(jnp.zeros((dim,)))
 
     def __call__(self, x):
-        return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * (1 + self.scale)
+        norm = jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+        return x * norm * (1 + self.scale[None, None])
 
 
 class _GemmaAttention(nnx.Module):
@@ -276,7 +306,7 @@ class _GemmaNNX(nnx.Module):
 def nnx_gemma(kind: str, layers: int = 2):
     """Flax's NNX Gemma: ``kind`` "mqa" (``q_einsum`` + ``kv_einsum``) or "mha"
     (``qkv_einsum``)."""
-    graphdef, state = nnx.split(_GemmaNNX(kind, layers, nnx.Rngs(0)))
+    graphdef, state = _nnx_split(lambda: _GemmaNNX(kind, layers, nnx.Rngs(0)))
     ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (B, T)), jnp.int32)
 
     def fn(s, ids):
@@ -332,7 +362,7 @@ class _Stacked(nnx.Module):
 def nnx_stacked(layers: int = 3):
     """Layers under ``trunk`` stacked by ``nnx.vmap``; sharding names ``('layers', ...)``."""
     with _no_eager_sharding():
-        graphdef, state = nnx.split(_Stacked(layers, nnx.Rngs(0)))
+        graphdef, state = _nnx_split(lambda: _Stacked(layers, nnx.Rngs(0)))
     x = _x(3)
 
     def fn(s, x):
