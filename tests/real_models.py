@@ -57,7 +57,7 @@ def big_and_abstract():
 
 def _linen_params(model, *inputs):
     init = functools.partial(model.init, jax.random.key(0))
-    return (jax.eval_shape(init, *inputs) if _ABSTRACT else init(*inputs))["params"]
+    return (jax.eval_shape(init, *inputs) if _ABSTRACT else jax.jit(init)(*inputs))["params"]
 
 
 def _nnx_split(make):
