@@ -80,8 +80,10 @@ def wrap(
         rank: the default rank ``r``.
         targets: which leaves to adapt. ``None`` selects every floating leaf of at least 2 dims
             named ``kernel`` (Flax) or Gemma's einsum weights (``q_einsum/w``, ``kv_einsum/w``,
-            ``qkv_einsum/w``, ``attn_vec_einsum/w``, ``gating_einsum``, ``linear``), not
-            embedding tables (target those explicitly). A regex is
+            ``qkv_einsum/w``, ``attn_vec_einsum/w``, ``gating_einsum``, ``linear``; under
+            ``kernel`` for ``nnx.Einsum``), not embedding tables (target those explicitly)
+            and not a language model's output head (``lm_head``, ``logits_dense``,
+            ``logitdense``: :data:`lorax.selection.OUTPUT_HEADS`). A regex is
             searched in the '/'-joined path; a list matches when any regex does; a callable
             ``(path, leaf) -> bool``. A regex selects the ``kernel``/``embedding`` leaves under
             the paths it matches (so ``"query"`` adapts a module's kernel, not its bias); any
@@ -99,8 +101,10 @@ def wrap(
             per axis of the kernel, ``s`` (stack: each index has its own factors), ``i`` (input,
             contracted with the activation) or ``o`` (output), in any order; one string for all
             adapted kernels or ``{regex: layout}``. ``lorax.infer_axes(fn, params, *args)``
-            reads every kernel's layout off the model. Default
-            (:func:`lorax.layouts.default_layout`): Gemma's einsum names (``q_einsum``
+            reads every kernel's layout off the model. Default: the stack axes the tree
+            tells (:func:`lorax.stacks.stack_axes`: layer-like axis names of Flax boxes and
+            NNX variables, a scanned module's shared depth axis), then
+            :func:`lorax.layouts.default_layout`: Gemma's einsum names (``q_einsum``
             ``'oio'``, ``kv_einsum``/``qkv_einsum`` ``'soio'``, ...), ``nn.ConvLocal``, then
             ``in_axes``' default.
         train: leaves to fine-tune in full (PEFT's ``modules_to_save``), boxed as
