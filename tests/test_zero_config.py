@@ -191,6 +191,22 @@ def test_unscanned_gemma_models_keep_their_layouts():
         assert set(_layouts(lorax.wrap(tree, rank=2)).values()) == {"oio", "soio", "iio"}
 
 
+def test_axis_names_settle_the_stack():
+    from lorax.stacks import stack_axes
+
+    # nn.scan without metadata_params leaves the scan's axis unnamed (None): the shapes decide.
+    leaves = [("l/a/kernel", (8, 3, 16), ("embed", None, "mlp")),
+              ("l/b/kernel", (16, 3, 8), ("mlp", None, "embed")),
+              ("l/norm/scale", (8, 3), ("norm", None))]
+    assert stack_axes(leaves, ["l/a/kernel", "l/b/kernel"]) == {"l/a/kernel": (1,),
+                                                               "l/b/kernel": (1,)}
+    # Names on every axis, none layer-like: no stack, even under a module named `layers`.
+    tree = {"layers": {"fc": {"kernel": nn.Partitioned(_S(3, 8, 16), ("a", "b", "c"))}}}
+    assert _layouts(lorax.wrap(tree, rank=2)) == {"layers/fc/kernel": "iio"}
+    tree = {"layers": {"fc": {"kernel": nn.Partitioned(_S(8, 3, 16), (None, "stack", None))}}}
+    assert _layouts(lorax.wrap(tree, rank=2)) == {"layers/fc/kernel": "iso"}
+
+
 # --- what the tree does not tell reaches lora(fn)'s error with the spec -------------------------
 
 
