@@ -157,9 +157,10 @@ class LoRAConfig:
         alpha = self.alpha if alpha is None else check_alpha(alpha, path)
         return alpha / math.sqrt(rank) if self.rslora else alpha / rank
 
-    def layout_at(self, path: str, w: Any) -> str:
-        """The layout of the kernel ``w`` at ``path`` (see :func:`lorax.layouts.resolve_layout`)."""
-        return resolve_layout(path, w, self.in_axes, self.stacked, self.axes)
+    def layout_at(self, path: str, w: Any, stack: tuple[int, ...] | None = None) -> str:
+        """The layout of the kernel ``w`` at ``path`` (see :func:`lorax.layouts.resolve_layout`),
+        ``stack`` the stack axes the tree tells (:func:`lorax.stacks.stack_axes`)."""
+        return resolve_layout(path, w, self.in_axes, self.stacked, self.axes, stack)
 
     def key_at(self, path: str) -> jax.Array:
         """A stable per-path key: factors do not depend on tree order or on other leaves."""

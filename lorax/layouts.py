@@ -60,16 +60,17 @@ _QKV_KERNEL = re.compile(r"(^|/)(query|key|value)/kernel$")
 # Gemma's attention einsums (heads N, kv heads K, model width D, head width H): q_einsum
 # (N, D, H) "BTD,NDH->BTNH"; kv_einsum (2, K, D, H) "BSD,CKDH->CBSKH" and qkv_einsum
 # (3, N, D, H), whose leading axis picks k/v (q/k/v): one adapter each, as PEFT's k_proj/v_proj;
-# attn_vec_einsum (N, H, D) "BTNH,NHD->BTD". Extra leading axes are nn.scan's layer stack.
+# attn_vec_einsum (N, H, D) "BTNH,NHD->BTD". Extra leading axes are nn.scan's layer stack. The
+# Gemma library (Linen) names the parameter `w`, nnx.Einsum (Flax's examples/gemma) `kernel`.
 _NAMED_LAYOUTS = (
-    (re.compile(r"(^|/)q_einsum(/w)?$"), "oio"),
-    (re.compile(r"(^|/)(kv|qkv)_einsum(/w)?$"), "soio"),
-    (re.compile(r"(^|/)attn_vec_einsum(/w)?$"), "iio"),
+    (re.compile(r"(^|/)q_einsum(/w|/kernel)?$"), "oio"),
+    (re.compile(r"(^|/)(kv|qkv)_einsum(/w|/kernel)?$"), "soio"),
+    (re.compile(r"(^|/)attn_vec_einsum(/w|/kernel)?$"), "iio"),
     (re.compile(r"(^|/)linear(/w)?$"), "io"),  # the MLP's output projection (F, D)
 )
 # Gemma's gated MLP: (2, F, D) (new) or (2, D, F) (old, used as `x @ w[0]`); the model width D
 # is the smaller one.
-_GATING = re.compile(r"(^|/)gating_einsum(/w)?$")
+_GATING = re.compile(r"(^|/)gating_einsum(/w|/kernel)?$")
 # A module named `layers` followed by a name, not an index, is a scanned stack of layers
 # (`nn.scan(..., name="layers")`, NNX and MaxText's scanned decoders); a list of layers is
 # `layers_0` (Linen) or `layers/0` (NNX).
@@ -78,10 +79,15 @@ _SCANNED = re.compile(r"(^|/)layers/(?!\d+(/|$))")
 _CONV_LOCAL = re.compile(r"(^|/)ConvLocal(_\d+)?/kernel$")
 
 
-def default_layout(path: str, shape: tuple[int, ...]) -> str:
+def default_layout(path: str, shape: tuple[int, ...],
+                   stack: tuple[int, ...] | None = None) -> str:
     """The layout ``wrap`` gives a kernel when neither ``axes`` nor ``in_axes``/``stacked``
     name it: from Flax's and Gemma's module names, else all axes but the last are inputs;
     under a scanned ``layers`` module the leading axis is a stack.
+
+    ``stack`` holds the stack axes the tree itself tells (:func:`lorax.stacks.stack_axes`:
+    boxed axis names, a scanned module's shared depth axis), wherever they sit; the rules
+    above then lay out the other axes.
 
     Example:
         >>> default_layout("layer_0/attn/q_einsum/w", (8, 64, 16))
@@ -92,7 +98,25 @@ def default_layout(path: str, shape: tuple[int, ...]) -> str:
         ('soi', 'io')
         >>> default_layout("layers/mlp/kernel", (4, 64, 256))  # nn.scan(..., name="layers")
         'sio'
+        >>> default_layout("layers/query/kernel", (64, 4, 8, 16), stack=(1,))  # MaxText
+        'isoo'
     """
+    if stack is not None and len(shape) - len(stack) >= 2:
+        rest = tuple(n for j, n in enumerate(shape) if j not in stack)
+        inner = iter(_name_layout(path, rest))
+        return "".join("s" if j in stack else next(inner) for j in range(len(shape)))
+    ndim = len(shape)
+    if _SCANNED.search(path) and ndim >= 3 and not _named(path):
+        return "s" + _name_layout(path, shape[1:])
+    return _name_layout(path, shape)
+
+
+def _named(path: str) -> bool:
+    return any(p.search(path) for p, _ in _NAMED_LAYOUTS) or bool(_GATING.search(path))
+
+
+def _name_layout(path: str, shape: tuple[int, ...]) -> str:
+    """The name rules alone (no stack but the extra axes of Gemma's names)."""
     ndim = len(shape)
     for pattern, layout in _NAMED_LAYOUTS:
         if pattern.search(path) and ndim >= len(layout):
@@ -101,9 +125,7 @@ def default_layout(path: str, shape: tuple[int, ...]) -> str:
         return "s" * (ndim - 2) + ("io" if shape[-2] <= shape[-1] else "oi")
     if _CONV_LOCAL.search(path) and ndim >= 3:
         return "s" * (ndim - 2) + "io"
-    n_stack = 1 if _SCANNED.search(path) and ndim >= 3 else 0
-    n_in = default_in_axes(path, ndim - n_stack)
-    return canonical_layout(ndim, n_stack, n_in)
+    return canonical_layout(ndim, 0, default_in_axes(path, ndim))
 
 
 def stored_layout(layout: str) -> str | None:
@@ -129,11 +151,35 @@ def check_layout(layout: Any, shape: tuple[int, ...], path: str) -> str:
     roles = layout.replace(" ", "")
     if len(roles) != len(shape) or set(roles) - set("sio") or "i" not in roles or (
             "o" not in roles):
+        hint = (" (a stack of layers is one more 's': axes=lorax.infer_axes(fn, params, *args) "
+                "reads every kernel's layout off the model)" if len(roles) < len(shape) else "")
         raise ValueError(
             f"expected `axes` to give one letter per axis of the kernel of shape {list(shape)}: "
             "'s' (stack), 'i' (input) or 'o' (output), with at least one 'i' and one 'o'; got "
-            f"{layout!r} at {path!r}")
+            f"{layout!r} at {path!r}{hint}")
     return roles
+
+
+def stack_hint(path: str, shape: tuple[int, ...], layout: str) -> str:
+    """A sentence for :func:`lorax.wrap`'s errors when an axis of the kernel may be a stack of
+    layers the layout missed (a scan under a name the defaults do not read), else ``""``.
+
+    Example:
+        >>> stack_hint("blocks/mlp/kernel", (2, 64, 256), "iio")
+        " If axis 0 (size 2) stacks layers (nn.scan), pass axes={'^blocks/mlp/kernel$': 'sio'}, \
+or axes=lorax.infer_axes(fn, params, *args) to read every kernel's layout off the model."
+    """
+    candidates = [k for k in (0, 1) if layout[k] != "s"]  # nn.scan puts the depth at 0 or 1
+    if len(shape) - layout.count("s") < 3 or not candidates:
+        return ""
+    j = min(candidates, key=lambda k: (shape[k], k))
+    rest = tuple(n for k, n in enumerate(shape) if k != j)
+    inner = iter(_name_layout(path, rest))
+    fixed = "".join("s" if k == j else next(inner) for k in range(len(shape)))
+    spec = {"^" + re.escape(path) + "$": fixed}
+    return (f" If axis {j} (size {shape[j]}) stacks layers (nn.scan), pass axes={spec}, or "
+            "axes=lorax.infer_axes(fn, params, *args) to read every kernel's layout off the "
+            "model.")
 
 
 def default_in_axes(path: str, ndim: int) -> int:
@@ -157,9 +203,10 @@ def _check_count(value: Any, argname: str, path: str, minimum: int) -> int:
     return int(value)
 
 
-def resolve_layout(path: str, w: Any, in_axes, stacked, axes) -> str:
+def resolve_layout(path: str, w: Any, in_axes, stacked, axes,
+                   stack: tuple[int, ...] | None = None) -> str:
     """The layout :func:`lorax.wrap` gives the kernel ``w`` at ``path``: from ``axes``, else
-    ``stacked``/``in_axes``, else :func:`default_layout`."""
+    ``stacked``/``in_axes``, else :func:`default_layout` (with the tree's ``stack`` axes)."""
     shape = tuple(w.shape)
     layout = axes if isinstance(axes, str) else first_match(axes, path, "axes")
     n_stack = first_match(stacked, path, "stacked")
@@ -170,7 +217,7 @@ def resolve_layout(path: str, w: Any, in_axes, stacked, axes) -> str:
                              "both; `axes` alone says everything")
         return check_layout(layout, shape, path)
     if n_stack is None and n_in is None:
-        return default_layout(path, shape)
+        return default_layout(path, shape, stack)
     n_stack = _check_count(n_stack or 0, "stacked", path, 0)
     ndim = len(shape) - n_stack
     if ndim < 2:

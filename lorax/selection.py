@@ -20,6 +20,23 @@ KERNEL_NAMES = ("kernel", "embedding", "w")
 # What `targets=None` adapts: Flax kernels, and Gemma's einsum weights (`q_einsum/w`, ...,
 # `gating_einsum` or `gating_einsum/w`, `linear` or `linear/w`).
 DEFAULT_TARGETS = re.compile(r"(^|/)(kernel|[^/]*einsum/w|[^/]*einsum|linear/w|linear)$")
+# ... but not the language-model output projection over the vocabulary, as PEFT's `all-linear`
+# (HF/EasyLM `lm_head`, MaxText/T5X `logits_dense`, Flax's lm1b/wmt `logitdense`).
+OUTPUT_HEADS = re.compile(r"(^|/)(lm_head|logits_dense|logitdense)/kernel$")
+
+
+def is_default_target(path: str, leaf: Any) -> bool:
+    """Whether ``targets=None`` adapts the leaf at ``path``: a kernel (:data:`DEFAULT_TARGETS`)
+    that is not a language-model output head (:data:`OUTPUT_HEADS`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = jnp.ones((4, 8))
+        >>> is_default_target("mlp/kernel", w), is_default_target("lm_head/kernel", w)
+        (True, False)
+    """
+    return bool(DEFAULT_TARGETS.search(path)) and not OUTPUT_HEADS.search(path) and is_kernel(
+        leaf)
 
 
 def is_kernel(leaf: Any) -> bool:
@@ -66,7 +83,7 @@ def select(arrays: Sequence[tuple[str, Any]], config: LoRAConfig) -> Selection:
             exclude_hits.update(excluded_by)
             continue
         if targets.is_none:
-            if DEFAULT_TARGETS.search(path) and is_kernel(leaf):
+            if is_default_target(path, leaf):
                 adapted.append(path)
             continue
         hits = targets.naming(path, leaf, KERNEL_NAMES)
@@ -84,7 +101,8 @@ def select(arrays: Sequence[tuple[str, Any]], config: LoRAConfig) -> Selection:
     _check_targets(targets, target_hits, paths)
     if not adapted:
         default = (" (the default `targets` picks floating leaves of ndim >= 2 named `kernel` or "
-                   "Gemma's einsum weights; pass `targets=` regexes for other names)"
+                   "Gemma's einsum weights, but not the output heads `lm_head`, `logits_dense`, "
+                   "`logitdense`; pass `targets=` regexes for other names)"
                    if targets.is_none else "")
         raise ValueError(f"no leaf was selected for adaptation{default}; {hint(paths)}")
     _check_patterns(config, adapted, paths)

@@ -19,11 +19,12 @@ import numpy as np
 from lorax import pissa
 from lorax.config import LoRAConfig
 from lorax.dora import adapted_norm
-from lorax.layouts import axis_groups, layout_order, stored_layout
+from lorax.layouts import axis_groups, layout_order, stack_hint, stored_layout
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node, unbox
 from lorax.paths import Selector, path_str
 from lorax.selection import select
 from lorax.sharding import place_factors
+from lorax.stacks import named_leaves, stack_axes
 
 
 def _init_factors(shape: tuple[int, ...], w: Any, rank: int, n_stack: int, n_in: int, init: str,
@@ -79,8 +80,10 @@ def wrap(
         rank: the default rank ``r``.
         targets: which leaves to adapt. ``None`` selects every floating leaf of at least 2 dims
             named ``kernel`` (Flax) or Gemma's einsum weights (``q_einsum/w``, ``kv_einsum/w``,
-            ``qkv_einsum/w``, ``attn_vec_einsum/w``, ``gating_einsum``, ``linear``), not
-            embedding tables (target those explicitly). A regex is
+            ``qkv_einsum/w``, ``attn_vec_einsum/w``, ``gating_einsum``, ``linear``; under
+            ``kernel`` for ``nnx.Einsum``), not embedding tables (target those explicitly)
+            and not a language model's output head (``lm_head``, ``logits_dense``,
+            ``logitdense``: :data:`lorax.selection.OUTPUT_HEADS`). A regex is
             searched in the '/'-joined path; a list matches when any regex does; a callable
             ``(path, leaf) -> bool``. A regex selects the ``kernel``/``embedding`` leaves under
             the paths it matches (so ``"query"`` adapts a module's kernel, not its bias); any
@@ -98,8 +101,10 @@ def wrap(
             per axis of the kernel, ``s`` (stack: each index has its own factors), ``i`` (input,
             contracted with the activation) or ``o`` (output), in any order; one string for all
             adapted kernels or ``{regex: layout}``. ``lorax.infer_axes(fn, params, *args)``
-            reads every kernel's layout off the model. Default
-            (:func:`lorax.layouts.default_layout`): Gemma's einsum names (``q_einsum``
+            reads every kernel's layout off the model. Default: the stack axes the tree
+            tells (:func:`lorax.stacks.stack_axes`: layer-like axis names of Flax boxes and
+            NNX variables, a scanned module's shared depth axis), then
+            :func:`lorax.layouts.default_layout`: Gemma's einsum names (``q_einsum``
             ``'oio'``, ``kv_einsum``/``qkv_einsum`` ``'soio'``, ...), ``nn.ConvLocal``, then
             ``in_axes``' default.
         train: leaves to fine-tune in full (PEFT's ``modules_to_save``), boxed as
@@ -164,12 +169,23 @@ def wrap(
     arrays = [(p, leaf) for p, (_, leaf) in zip(paths, flat, strict=True) if is_array_like(leaf)]
     chosen = select(arrays, config)
     adapted, trained = set(chosen.adapted), set(chosen.trained)
-    leaves = [FullyTrained(leaf) if path in trained else adapt(path, leaf, config)
+    stacks = _tree_stacks(params, chosen.adapted, config)
+    leaves = [FullyTrained(leaf) if path in trained else adapt(path, leaf, config,
+                                                                stacks.get(path))
               if path in adapted else leaf for path, (_, leaf) in zip(paths, flat, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoRAConfig)}
+
+
+def _tree_stacks(params: Any, adapted: list[str], config: LoRAConfig
+                 ) -> dict[str, tuple[int, ...]]:
+    """The stack axes the tree tells for the adapted kernels (:func:`lorax.stacks.stack_axes`;
+    an ``axes``/``stacked``/``in_axes`` setting that names a kernel overrides them)."""
+    if isinstance(config.axes, str) or isinstance(config.in_axes, int):
+        return {}
+    return stack_axes(named_leaves(params), adapted)
 
 
 def _config(config: LoRAConfig | None, settings: dict[str, Any]) -> LoRAConfig:
@@ -185,8 +201,9 @@ def _config(config: LoRAConfig | None, settings: dict[str, Any]) -> LoRAConfig:
     return config
 
 
-def adapt(path: str, w: Any, config: LoRAConfig) -> LoRA:
-    """The LoRA node ``config`` makes of the kernel ``w`` at ``path`` (abstract when ``w`` is).
+def adapt(path: str, w: Any, config: LoRAConfig, stack: tuple[int, ...] | None = None) -> LoRA:
+    """The LoRA node ``config`` makes of the kernel ``w`` at ``path`` (abstract when ``w`` is);
+    ``stack``: its stack axes as the tree tells them (:func:`lorax.stacks.stack_axes`).
 
     Example:
         >>> import jax.numpy as jnp, lorax
@@ -194,7 +211,7 @@ def adapt(path: str, w: Any, config: LoRAConfig) -> LoRA:
         >>> node.layout, node.a.shape, node.b.shape  # Gemma's (heads, d, head_dim)
         ('oio', (32, 2), (2, 4, 8))
     """
-    layout = config.layout_at(path, w)
+    layout = config.layout_at(path, w, stack)
     n_stack, n_in = layout.count("s"), layout.count("i")
     order = layout_order(layout)
     canonical = tuple(w.shape[j] for j in order)
@@ -203,7 +220,8 @@ def adapt(path: str, w: Any, config: LoRAConfig) -> LoRA:
     if r > min(math.prod(ins), math.prod(outs)):
         raise ValueError(
             f"expected `rank` <= min(in, out) = min({math.prod(ins)}, {math.prod(outs)}), got {r} "
-            f"at {path!r} (layout {layout!r}; a stacked kernel needs `stacked=` or `axes=`)"
+            f"at {path!r} (layout {layout!r})" + (stack_hint(path, tuple(w.shape), layout)
+                                                 or "; a stacked kernel needs `axes=`")
         )
     scale = config.scale_at(path, r)
     dtype = config.factor_dtype(w)
