@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
 from lorax.node import FullyTrained, LoRA, is_adapted, is_array_like, is_node
-from lorax.partition import combine, split
+from lorax.partition import check_whole, combine, split
 from lorax.paths import check_tree, path_str
 from lorax.sharding import node_specs
 from lorax.state_paths import layout_mismatch, leaf_layout
@@ -330,6 +330,7 @@ def _check_adapted(tree: Any) -> None:
     """Refuses a tree with nothing to save: a step without adapters would hide the last good
     one."""
     check_tree(tree, "tree", is_node)
+    check_whole(tree, "`tree`")
     if not any(is_node(x) for x in jax.tree.leaves(tree, is_leaf=is_node)):
         raise ValueError(
             "expected `tree` to hold adapters (LoRA nodes or FullyTrained leaves), got a tree "
