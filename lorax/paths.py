@@ -1,7 +1,9 @@
 """Leaf paths as '/'-joined strings, and the selectors users write against them.
 
-A selector is ``None``, a regex ``str`` searched in the path, a list of such regexes (a leaf is
-selected when any matches), or a callable ``(path, leaf) -> bool``. Pattern maps such as
+A selector is ``None``, a regex ``str`` searched in the path, a list (a leaf is selected when
+any entry matches; an entry that is a plain name like ``"q"``, ``"layers_1"`` or
+``"attention/query"`` matches whole path components, as PEFT's ``target_modules`` list does,
+any other entry is a regex searched in the path), or a callable ``(path, leaf) -> bool``. Pattern maps such as
 ``rank_pattern`` are ``{regex: value}`` dicts where the first matching regex wins.
 """
 
@@ -81,6 +83,45 @@ def _compile(pattern: Any, argname: str) -> re.Pattern[str]:
         raise ValueError(f"invalid regex {pattern!r} in `{argname}`: {err}") from None
 
 
+_PLAIN_NAME = re.compile(r"[\w-]+(/[\w-]+)*")
+
+
+class ComponentName:
+    """A list entry that names modules: it matches whole '/'-separated path components, so
+    ``"v"`` matches 'attn/v/kernel' but not 'relative_attention_bias/embedding', and
+    ``"layers_1"`` not 'layers_10'. Quacks like the compiled regex it stands for.
+
+    Example:
+        >>> [bool(ComponentName("v").search(p)) for p in ("attn/v/kernel", "relative/kernel")]
+        [True, False]
+    """
+
+    def __init__(self, name: str):
+        self.pattern = name
+        self._regex = re.compile(rf"(?:^|/){re.escape(name)}(?=/|$)")
+
+    def search(self, path: str) -> re.Match[str] | None:
+        return self._regex.search(path)
+
+    def finditer(self, path: str) -> Iterable[re.Match[str]]:
+        return self._regex.finditer(path)
+
+
+def list_entry(entry: Any, argname: str) -> re.Pattern[str] | ComponentName:
+    """One entry of a list selector: a plain name matches whole path components
+    (:class:`ComponentName`), anything else is a regex.
+
+    Example:
+        >>> list_entry("layers_1", "targets").search("layers_10/kernel") is None
+        True
+        >>> list_entry("layers_1.*", "targets").search("layers_10/kernel") is not None
+        True
+    """
+    if isinstance(entry, str) and _PLAIN_NAME.fullmatch(entry):
+        return ComponentName(entry)
+    return _compile(entry, argname)
+
+
 class PathSelector:
     """A compiled selector: which leaves it picks, and which of its regexes matched anything.
 
@@ -94,7 +135,7 @@ class PathSelector:
         self.argname = argname
         self.spec = spec
         self.fn: Callable[[str, Any], bool] | None = None
-        self.patterns: list[re.Pattern[str]] = []
+        self.patterns: list[re.Pattern[str] | ComponentName] = []
         if spec is None:
             return
         if callable(spec) and not isinstance(spec, str):
@@ -102,7 +143,7 @@ class PathSelector:
         elif isinstance(spec, str):
             self.patterns = [_compile(spec, argname)]
         elif isinstance(spec, Iterable):
-            self.patterns = [_compile(p, argname) for p in spec]
+            self.patterns = [list_entry(p, argname) for p in spec]
             if not self.patterns:
                 raise ValueError(f"expected at least one regex in `{argname}`, got an empty list")
         else:

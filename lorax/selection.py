@@ -55,15 +55,15 @@ def select(arrays: Sequence[tuple[str, Any]], config: LoRAConfig) -> Selection:
     trained, adapted, exclude_hits = [], [], set()
     target_hits: dict[str, list[tuple[str, Any]]] = {}
     for path, leaf in arrays:
+        excluded_by = exclude.matching(path, leaf)
+        exclude_hits.update(excluded_by)  # a `train` leaf is not adapted: `exclude` holds there
         if train(path, leaf):
             if not jnp.issubdtype(leaf.dtype, jnp.floating):
                 raise ValueError(
                     f"expected `train` to select floating leaves, got {leaf.dtype} at {path!r}")
             trained.append(path)
             continue
-        excluded_by = exclude.matching(path, leaf)
         if excluded_by:
-            exclude_hits.update(excluded_by)
             continue
         if targets.is_none:
             if DEFAULT_TARGETS.search(path) and is_kernel(leaf):

@@ -198,13 +198,14 @@ def adapt(path: str, w: Any, config: LoRAConfig) -> LoRA:
     n_stack, n_in = layout.count("s"), layout.count("i")
     order = layout_order(layout)
     canonical = tuple(w.shape[j] for j in order)
-    _, ins, outs = axis_groups(canonical, n_stack, n_in)
+    # A rank above min(in, out) is allowed, as in PEFT: a (in, r) and b (r, out) stay well
+    # defined (a Dense(1) head at the default rank 8 just has a redundant adapter).
     r = config.rank_at(path)
-    if r > min(math.prod(ins), math.prod(outs)):
+    _, ins, outs = axis_groups(canonical, n_stack, n_in)
+    if config.residual and r > min(math.prod(ins), math.prod(outs)):
         raise ValueError(
-            f"expected `rank` <= min(in, out) = min({math.prod(ins)}, {math.prod(outs)}), got {r} "
-            f"at {path!r} (layout {layout!r}; a stacked kernel needs `stacked=` or `axes=`)"
-        )
+            f"expected `rank` <= min(in, out) = min({math.prod(ins)}, {math.prod(outs)}) with "
+            f"init={config.init!r} (the top-r singular directions of W), got {r} at {path!r}")
     scale = config.scale_at(path, r)
     dtype = config.factor_dtype(w)
     stored = stored_layout(layout)  # canonical kernels keep the compact form

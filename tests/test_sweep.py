@@ -138,7 +138,7 @@ def test_analysis_missing_run_exits_2(tmp_path, capsys):
     "argv, message",
     [
         (["--targets", "q,x"], "unknown target set 'q,x'"),
-        (["--ranks", "400", "--targets", "q"], "expected `rank` <= min(in, out)"),
+        (["--ranks", "0", "--targets", "q"], "--ranks must be positive"),
         (["--data", "/nonexistent/file.csv"], "/nonexistent/file.csv"),
     ],
 )
