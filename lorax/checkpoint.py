@@ -285,8 +285,7 @@ class CheckpointManager:
             items[_OPT] = ocp.args.StandardRestore(_abstract(opt_state))
         if extra is not None:
             items[_EXTRA] = ocp.args.StandardRestore(_abstract(extra))
-        stored = set(self._manager.item_metadata(step).keys())
-        if _DATA in stored:
+        if os.path.isdir(os.path.join(where, _DATA)):  # (item metadata would read every item)
             items[_DATA] = ocp.args.JsonRestore()
         restored = self._read(step, items, where)
         return Restored(combine(restored[_ADAPTERS], frozen), step, restored.get(_OPT),

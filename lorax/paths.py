@@ -192,6 +192,23 @@ class PathSelector:
     def __call__(self, path: str, leaf: Any) -> bool:
         return bool(self.matching(path, leaf))
 
+    def whole_name_note(self, label: str, paths: Iterable[str]) -> str:
+        """For a plain-name list entry ``label`` that matched nothing but is part of a path
+        component: a note saying that list entries match whole components.
+
+        Example:
+            >>> PathSelector(["Dense"], "targets").whole_name_note("Dense", ["Dense_0/kernel"])
+            " (a plain name in a list matches whole path components, as in PEFT's target_modules: \
+use 'Dense_0', or a regex such as 'Dense.*')"
+        """
+        if not any(isinstance(p, ComponentName) and p.pattern == label for p in self.patterns):
+            return ""
+        near = next((c for path in paths for c in path.split("/") if label in c), None)
+        if near is None:
+            return ""
+        return (" (a plain name in a list matches whole path components, as in PEFT's "
+                f"target_modules: use {near!r}, or a regex such as {label + '.*'!r})")
+
 
 def first_match(mapping: Mapping[str, T] | None, path: str, argname: str) -> T | None:
     """The value of the first regex key of ``mapping`` found in ``path`` (PEFT's rule).

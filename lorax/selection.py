@@ -77,8 +77,8 @@ def select(arrays: Sequence[tuple[str, Any]], config: LoRAConfig) -> Selection:
 
     for pattern in exclude.patterns:
         if pattern.pattern not in exclude_hits:
-            raise ValueError(f"`exclude` pattern {pattern.pattern!r} matched no leaf; "
-                             f"{hint(paths)}")
+            raise ValueError(f"`exclude` pattern {pattern.pattern!r} matched no leaf"
+                             f"{exclude.whole_name_note(pattern.pattern, paths)}; {hint(paths)}")
     if not train.is_none and not trained:
         raise ValueError(f"`train` matched no leaf; {hint(paths)}")
     _check_targets(targets, target_hits, paths)
@@ -97,7 +97,8 @@ def _check_targets(targets: PathSelector, hits: dict[str, list[tuple[str, Any]]]
     for pattern in names:
         found = hits.get(pattern, [])
         if not found:
-            raise ValueError(f"`targets` pattern {pattern!r} matched no leaf; {hint(paths)}")
+            raise ValueError(f"`targets` pattern {pattern!r} matched no leaf"
+                             f"{targets.whole_name_note(pattern, paths)}; {hint(paths)}")
         bad = [(p, x) for p, x in found if not is_kernel(x)]
         if len(bad) == len(found) or (pattern == "<callable>" and bad):
             p, x = bad[0]
