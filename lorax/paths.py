@@ -3,8 +3,9 @@
 A selector is ``None``, a regex ``str`` searched in the path, a list (a leaf is selected when
 any entry matches; an entry that is a plain name like ``"q"``, ``"layers_1"`` or
 ``"attention/query"`` matches whole path components, as PEFT's ``target_modules`` list does,
-any other entry is a regex searched in the path), or a callable ``(path, leaf) -> bool``. Pattern maps such as
-``rank_pattern`` are ``{regex: value}`` dicts where the first matching regex wins.
+any other entry is a regex searched in the path), or a callable ``(path, leaf) -> bool``.
+Pattern maps such as ``rank_pattern`` are ``{regex: value}`` dicts where the first matching
+regex wins.
 """
 
 from __future__ import annotations
