@@ -76,16 +76,22 @@ def wrap(
     Args:
         params: a Flax Linen ``params`` dict (or FrozenDict), an ``nnx.State``, or any pytree of
             arrays; trees of ``jax.ShapeDtypeStruct`` give abstract factors.
-        rank: the default rank ``r``.
+        rank: the default rank ``r``; it may exceed a kernel's ``min(in, out)``, as in PEFT
+            (except with ``init="pissa"``).
         targets: which leaves to adapt. ``None`` selects every floating leaf of at least 2 dims
             named ``kernel`` (Flax) or Gemma's einsum weights (``q_einsum/w``, ``kv_einsum/w``,
             ``qkv_einsum/w``, ``attn_vec_einsum/w``, ``gating_einsum``, ``linear``), not
-            embedding tables (target those explicitly). A regex is
-            searched in the '/'-joined path; a list matches when any regex does; a callable
-            ``(path, leaf) -> bool``. A regex selects the ``kernel``/``embedding`` leaves under
-            the paths it matches (so ``"query"`` adapts a module's kernel, not its bias); any
-            other leaf is selected only when the regex reaches into its name (``"w_q$"``).
-        exclude: leaves never to adapt, in the same forms as ``targets``.
+            embedding tables (target those explicitly). A string is a regex searched in the
+            '/'-joined path. A list names modules, as PEFT's ``target_modules``: a plain name
+            (``"q"``, ``"layers_1"``, ``"attention/query"``) matches whole path components (so
+            ``["q", "v"]`` does not reach ``relative_attention_bias`` and ``"layers_1"`` not
+            ``layers_10``), an entry with regex syntax (``"layers_[0-3]"``, ``"^head/"``) is a
+            regex searched in the path. A callable ``(path, leaf) -> bool`` decides itself. A
+            string or list entry selects the ``kernel``/``embedding`` leaves under the paths it
+            matches (so ``"query"`` adapts a module's kernel, not its bias); any other leaf is
+            selected only when the pattern reaches into its name (``"w_q$"``).
+        exclude: leaves never to adapt, in the same forms as ``targets``; it may name
+            ``train`` leaves too (``exclude="head", train="head"``).
         alpha: the LoRA alpha; ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with ``rslora``).
         rank_pattern: ``{regex: rank}``; the first regex found in a path overrides ``rank``.
         alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
