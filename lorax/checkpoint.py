@@ -24,9 +24,10 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
 from lorax.node import FullyTrained, LoRA, is_adapted, is_array_like, is_node
-from lorax.partition import combine, split
+from lorax.partition import check_whole, combine, split
 from lorax.paths import check_tree, path_str
 from lorax.sharding import node_specs
+from lorax.state_paths import layout_mismatch, leaf_layout
 from lorax.version import __version__
 
 FORMAT = 1
@@ -201,7 +202,13 @@ class CheckpointManager:
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
             save_interval_steps=save_interval_steps, cleanup_tmp_directories=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # One handler per item name, so orbax can read any subset of a step's items (and
+        # their metadata) without warning about the items it was not asked for.
+        handlers = {name: ocp.JsonCheckpointHandler() if name in (_META, _DATA)
+                    else ocp.StandardCheckpointHandler()
+                    for name in (_ADAPTERS, _META, _OPT, _EXTRA, _DATA)}
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=handlers)
 
     def save(self, step: int, tree: Any, *, opt_state: Any = None, extra: Any = None,
              data: dict[str, Any] | None = None, force: bool = False) -> bool:
@@ -211,8 +218,11 @@ class CheckpointManager:
             Whether a save was started (False when ``save_interval_steps`` skips this step).
         """
         _check_adapted(tree)
+        meta = describe(tree)
+        if opt_state is not None:  # its leaf layout, checked against `opt_state=` on restore
+            meta[_OPT] = leaf_layout(opt_state)
         items = {_ADAPTERS: ocp.args.StandardSave(split(tree)[0]),
-                 _META: ocp.args.JsonSave(describe(tree))}
+                 _META: ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items[_OPT] = ocp.args.StandardSave(opt_state)
         if extra is not None:
@@ -231,12 +241,18 @@ class CheckpointManager:
                 saved metadata then says which kernels are adapted and how
                 (:func:`wrapped_like`).
             step: which step; the latest when ``None``.
-            opt_state: a like-tree (e.g. ``tx.init(...)``) to restore the optimizer state into.
+            opt_state: a like-tree to restore the optimizer state into, of the structure that
+                was saved: ``tx.init(train)`` for a state made on the trainable half
+                (``train, frozen = lorax.split(like)``), which is what the README does. Another
+                structure (``tx.init(like)``: holes are ``MaskedNode`` there, ``None`` in the
+                half's state) is refused with a :class:`CheckpointMismatchError` naming the
+                first differing path and the fix.
             extra: a like-tree for the saved ``extra`` item.
 
         Raises:
             FileNotFoundError: no checkpoint in the directory (or not that step).
-            CheckpointMismatchError: the checkpoint does not fit ``like`` (all mismatches).
+            CheckpointMismatchError: the checkpoint does not fit ``like`` (all mismatches), or
+                the saved optimizer state does not fit ``opt_state``.
             ValueError: the checkpoint files are unreadable (corrupted or truncated).
         """
         if step is None:
@@ -259,14 +275,17 @@ class CheckpointManager:
                 f"checkpoint {where} does not fit the tree (saved vs expected):\n  "
                 + "\n  ".join(problems)
             )
+        if opt_state is not None and _OPT in saved:
+            problem = layout_mismatch(saved[_OPT], opt_state, "opt_state")
+            if problem:
+                raise CheckpointMismatchError(f"checkpoint {where}: {problem}")
         trainable, frozen = split(like)
         items = {_ADAPTERS: ocp.args.StandardRestore(_abstract(trainable))}
         if opt_state is not None:
             items[_OPT] = ocp.args.StandardRestore(_abstract(opt_state))
         if extra is not None:
             items[_EXTRA] = ocp.args.StandardRestore(_abstract(extra))
-        stored = set(self._manager.item_metadata(step).keys())
-        if _DATA in stored:
+        if os.path.isdir(os.path.join(where, _DATA)):  # (item metadata would read every item)
             items[_DATA] = ocp.args.JsonRestore()
         restored = self._read(step, items, where)
         return Restored(combine(restored[_ADAPTERS], frozen), step, restored.get(_OPT),
@@ -310,6 +329,7 @@ def _check_adapted(tree: Any) -> None:
     """Refuses a tree with nothing to save: a step without adapters would hide the last good
     one."""
     check_tree(tree, "tree", is_node)
+    check_whole(tree, "`tree`")
     if not any(is_node(x) for x in jax.tree.leaves(tree, is_leaf=is_node)):
         raise ValueError(
             "expected `tree` to hold adapters (LoRA nodes or FullyTrained leaves), got a tree "

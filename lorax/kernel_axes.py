@@ -18,6 +18,8 @@ from lorax.layouts import axis_groups, canonical_layout, layout_order
 from lorax.quantized import QuantizedArray
 
 T = TypeVar("T")
+_ARRAY_ATTRS = frozenset({"T", "astype", "reshape", "transpose", "ndim", "size", "at", "sum",
+                          "mean", "squeeze", "swapaxes", "ravel", "flatten", "item", "mT"})
 
 
 class KernelAxes:
@@ -47,11 +49,25 @@ class KernelAxes:
         raise TypeError(
             f"a lorax {type(self).__name__} node (the kernel at {getattr(self, 'path', '')!r}) "
             "was used as an array: transform the function that consumes the wrapped tree with "
-            "lorax.lora, e.g. lorax.lora(model.apply)({'params': lp}, x), or fold the adapters "
-            "in with lorax.merge(lp) for inference")
+            "lorax.lora, e.g. lorax.lora(model.apply)({'params': lp}, x) (Linen) or "
+            "lorax.lora(lambda state, x: nnx.merge(graphdef, state)(x))(lp, x) (NNX), or fold "
+            "the adapters in with lorax.merge(lp) for inference")
 
-    __array__ = _not_an_array
-    __jax_array__ = _not_an_array
+    # Whatever touches the node first outside lorax.lora (jnp's conversion, NNX's
+    # `kernel[...]`, `x @ kernel`, `kernel.T`) names the fix.
+    __array__ = __jax_array__ = __getitem__ = _not_an_array
+    __matmul__ = __rmatmul__ = __mul__ = __rmul__ = __add__ = __radd__ = _not_an_array
+    __sub__ = __rsub__ = __truediv__ = __rtruediv__ = __neg__ = __pow__ = _not_an_array
+    __float__ = __int__ = _not_an_array
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes the node does not have: array methods get the message.
+        if name in _ARRAY_ATTRS:
+            try:
+                self._not_an_array()
+            except TypeError as err:
+                raise AttributeError(f"{type(self).__name__} has no {name!r}: {err}") from None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def dtype(self) -> Any:

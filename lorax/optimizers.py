@@ -24,6 +24,11 @@ def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     labels come from the tree alone (:func:`lorax.trainable`), so ``init`` and ``update`` work
     on the full wrapped tree or on the trainable half of :func:`lorax.split`.
 
+    Always wrap the transform: a plain optax transform over the whole wrapped tree updates the
+    frozen ``W`` too (``optax.adamw``'s decoupled weight decay moves it although its gradient
+    is zero). The documented step differentiates the trainable half
+    (:func:`lorax.value_and_grad`) and updates only that half.
+
     Args:
         tx: any optax transformation, e.g. ``optax.adamw(1e-3)``.
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import jax
 
-from lorax.node import is_node
-from lorax.paths import check_tree
+from lorax.node import is_adapted, is_node
+from lorax.paths import check_tree, path_str
 
 
 def trainable(tree: Any) -> Any:
@@ -67,6 +67,31 @@ def combine(trainable_part: Any, frozen_part: Any) -> Any:
     )
 
 
+def check_whole(tree: Any, argname: str) -> None:
+    """Refuses a half of :func:`split` where the whole wrapped tree belongs, naming
+    ``argname``, the first path with a hole and :func:`combine`.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> train, frozen = lorax.split(lorax.wrap({"kernel": jnp.ones((4, 4))}, rank=2))
+        >>> check_whole(train, "`tree`")
+        Traceback (most recent call last):
+        ...
+        ValueError: expected `tree` to be the whole wrapped tree, got the trainable half of \
+lorax.split (W is None at 'kernel'): pass lorax.combine(train, frozen)
+    """
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
+        if not is_adapted(leaf):
+            continue
+        half = ("trainable", "W") if leaf.w is None else (
+            ("frozen", "A") if getattr(leaf, "a", 0) is None else None)
+        if half:
+            raise ValueError(
+                f"expected {argname} to be the whole wrapped tree, got the {half[0]} half of "
+                f"lorax.split ({half[1]} is None at {path_str(keypath)!r}): pass "
+                "lorax.combine(train, frozen)")
+
+
 def value_and_grad(
     fun: Callable[..., Any], *, argnums: int = 0, has_aux: bool = False
 ) -> Callable[..., tuple[Any, Any]]:
@@ -113,6 +138,7 @@ def value_and_grad(
         if argnums >= len(args):
             raise TypeError(f"`argnums={argnums}` names positional argument {argnums}, but "
                             f"only {len(args)} were given")
+        check_whole(args[argnums], f"argument {argnums} of the differentiated function")
         train, frozen = split(args[argnums])
 
         def of_train(train_half: Any) -> Any:

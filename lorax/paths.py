@@ -1,8 +1,11 @@
 """Leaf paths as '/'-joined strings, and the selectors users write against them.
 
-A selector is ``None``, a regex ``str`` searched in the path, a list of such regexes (a leaf is
-selected when any matches), or a callable ``(path, leaf) -> bool``. Pattern maps such as
-``rank_pattern`` are ``{regex: value}`` dicts where the first matching regex wins.
+A selector is ``None``, a regex ``str`` searched in the path, a list (a leaf is selected when
+any entry matches; an entry that is a plain name like ``"q"``, ``"layers_1"`` or
+``"attention/query"`` matches whole path components, as PEFT's ``target_modules`` list does,
+any other entry is a regex searched in the path), or a callable ``(path, leaf) -> bool``.
+Pattern maps such as ``rank_pattern`` are ``{regex: value}`` dicts where the first matching
+regex wins.
 """
 
 from __future__ import annotations
@@ -81,6 +84,45 @@ def _compile(pattern: Any, argname: str) -> re.Pattern[str]:
         raise ValueError(f"invalid regex {pattern!r} in `{argname}`: {err}") from None
 
 
+_PLAIN_NAME = re.compile(r"[\w-]+(/[\w-]+)*")
+
+
+class ComponentName:
+    """A list entry that names modules: it matches whole '/'-separated path components, so
+    ``"v"`` matches 'attn/v/kernel' but not 'relative_attention_bias/embedding', and
+    ``"layers_1"`` not 'layers_10'. Quacks like the compiled regex it stands for.
+
+    Example:
+        >>> [bool(ComponentName("v").search(p)) for p in ("attn/v/kernel", "relative/kernel")]
+        [True, False]
+    """
+
+    def __init__(self, name: str):
+        self.pattern = name
+        self._regex = re.compile(rf"(?:^|/){re.escape(name)}(?=/|$)")
+
+    def search(self, path: str) -> re.Match[str] | None:
+        return self._regex.search(path)
+
+    def finditer(self, path: str) -> Iterable[re.Match[str]]:
+        return self._regex.finditer(path)
+
+
+def list_entry(entry: Any, argname: str) -> re.Pattern[str] | ComponentName:
+    """One entry of a list selector: a plain name matches whole path components
+    (:class:`ComponentName`), anything else is a regex.
+
+    Example:
+        >>> list_entry("layers_1", "targets").search("layers_10/kernel") is None
+        True
+        >>> list_entry("layers_1.*", "targets").search("layers_10/kernel") is not None
+        True
+    """
+    if isinstance(entry, str) and _PLAIN_NAME.fullmatch(entry):
+        return ComponentName(entry)
+    return _compile(entry, argname)
+
+
 class PathSelector:
     """A compiled selector: which leaves it picks, and which of its regexes matched anything.
 
@@ -94,7 +136,7 @@ class PathSelector:
         self.argname = argname
         self.spec = spec
         self.fn: Callable[[str, Any], bool] | None = None
-        self.patterns: list[re.Pattern[str]] = []
+        self.patterns: list[re.Pattern[str] | ComponentName] = []
         if spec is None:
             return
         if callable(spec) and not isinstance(spec, str):
@@ -102,7 +144,7 @@ class PathSelector:
         elif isinstance(spec, str):
             self.patterns = [_compile(spec, argname)]
         elif isinstance(spec, Iterable):
-            self.patterns = [_compile(p, argname) for p in spec]
+            self.patterns = [list_entry(p, argname) for p in spec]
             if not self.patterns:
                 raise ValueError(f"expected at least one regex in `{argname}`, got an empty list")
         else:
@@ -150,6 +192,23 @@ class PathSelector:
 
     def __call__(self, path: str, leaf: Any) -> bool:
         return bool(self.matching(path, leaf))
+
+    def whole_name_note(self, label: str, paths: Iterable[str]) -> str:
+        """For a plain-name list entry ``label`` that matched nothing but is part of a path
+        component: a note saying that list entries match whole components.
+
+        Example:
+            >>> PathSelector(["Dense"], "targets").whole_name_note("Dense", ["Dense_0/kernel"])
+            " (a plain name in a list matches whole path components, as in PEFT's target_modules: \
+use 'Dense_0', or a regex such as 'Dense.*')"
+        """
+        if not any(isinstance(p, ComponentName) and p.pattern == label for p in self.patterns):
+            return ""
+        near = next((c for path in paths for c in path.split("/") if label in c), None)
+        if near is None:
+            return ""
+        return (" (a plain name in a list matches whole path components, as in PEFT's "
+                f"target_modules: use {near!r}, or a regex such as {label + '.*'!r})")
 
 
 def first_match(mapping: Mapping[str, T] | None, path: str, argname: str) -> T | None:

@@ -44,15 +44,30 @@ def adapter_names(tree: Any) -> list[str]:
 
 
 def check_ids(ids: Any, names: list[str]) -> jax.Array:
-    """Validates ``adapter_ids`` (a 1-d integer array) against the tree's adapters."""
+    """Validates ``adapter_ids`` against the tree's adapters: one entry per example, either an
+    adapter name (``None`` for no adapter) or an index into the sorted ``names``.
+
+    Example:
+        >>> check_ids(["fr", None, "de"], ["de", "fr"]).tolist()
+        [1, -1, 0]
+    """
     if not names:
         raise ValueError("`adapter_ids` needs named adapters (lorax.add_adapter); the arguments "
                          "hold no MultiLoRA node")
+    if getattr(getattr(ids, "dtype", None), "kind", "") in ("U", "S"):
+        ids = ids.tolist()  # a NumPy array of names
+    if isinstance(ids, list | tuple) and any(isinstance(i, str) or i is None for i in ids):
+        unknown = [i for i in ids if isinstance(i, str) and i not in names]
+        if unknown:
+            raise ValueError(f"expected `adapter_ids` to name adapters of the tree {names}, got "
+                             f"{unknown[0]!r}")
+        ids = [names.index(i) if isinstance(i, str) else -1 if i is None else i for i in ids]
     if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
         ids = jnp.asarray(ids)
     if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(f"expected `adapter_ids` to be a 1-d integer array (one id per example), "
-                         f"got {ids.dtype}{list(ids.shape)}")
+        raise ValueError(f"expected `adapter_ids` to be adapter names (None: no adapter) or a 1-d "
+                         f"integer array of indices into the sorted names {names} (-1: no "
+                         f"adapter), one per example; got {ids.dtype}{list(ids.shape)}")
     return jnp.asarray(ids)
 
 

@@ -72,15 +72,15 @@ def select(arrays: Sequence[tuple[str, Any]], config: LoRAConfig) -> Selection:
     trained, adapted, exclude_hits = [], [], set()
     target_hits: dict[str, list[tuple[str, Any]]] = {}
     for path, leaf in arrays:
+        excluded_by = exclude.matching(path, leaf)
+        exclude_hits.update(excluded_by)  # a `train` leaf is not adapted: `exclude` holds there
         if train(path, leaf):
             if not jnp.issubdtype(leaf.dtype, jnp.floating):
                 raise ValueError(
                     f"expected `train` to select floating leaves, got {leaf.dtype} at {path!r}")
             trained.append(path)
             continue
-        excluded_by = exclude.matching(path, leaf)
         if excluded_by:
-            exclude_hits.update(excluded_by)
             continue
         if targets.is_none:
             if is_default_target(path, leaf):
@@ -94,8 +94,8 @@ def select(arrays: Sequence[tuple[str, Any]], config: LoRAConfig) -> Selection:
 
     for pattern in exclude.patterns:
         if pattern.pattern not in exclude_hits:
-            raise ValueError(f"`exclude` pattern {pattern.pattern!r} matched no leaf; "
-                             f"{hint(paths)}")
+            raise ValueError(f"`exclude` pattern {pattern.pattern!r} matched no leaf"
+                             f"{exclude.whole_name_note(pattern.pattern, paths)}; {hint(paths)}")
     if not train.is_none and not trained:
         raise ValueError(f"`train` matched no leaf; {hint(paths)}")
     _check_targets(targets, target_hits, paths)
@@ -115,7 +115,8 @@ def _check_targets(targets: PathSelector, hits: dict[str, list[tuple[str, Any]]]
     for pattern in names:
         found = hits.get(pattern, [])
         if not found:
-            raise ValueError(f"`targets` pattern {pattern!r} matched no leaf; {hint(paths)}")
+            raise ValueError(f"`targets` pattern {pattern!r} matched no leaf"
+                             f"{targets.whole_name_note(pattern, paths)}; {hint(paths)}")
         bad = [(p, x) for p, x in found if not is_kernel(x)]
         if len(bad) == len(found) or (pattern == "<callable>" and bad):
             p, x = bad[0]

@@ -28,10 +28,20 @@ class AdaptedKernel(NamedTuple):
     rank: int
     scale: float
     params: int  # trainable factor parameters
+    kind: str = "lora"  # "lora", "dora" or "pissa", plus ", nf4 base" / ", int8 base"
+
+
+class TrainedLeaf(NamedTuple):
+    """One ``train`` leaf (:class:`lorax.FullyTrained`) in a :class:`Summary`."""
+
+    path: str
+    shape: tuple[int, ...]
+    params: int
 
 
 class Summary(NamedTuple):
-    """Parameter counts of a wrapped tree; ``str()`` renders a table.
+    """Parameter counts of a wrapped tree; ``str()`` renders a table with one row per adapted
+    kernel (its variant and quantized base in ``kind``) and per ``train`` leaf.
 
     Attributes:
         trainable: trainable parameters (factors and ``train`` leaves).
@@ -40,6 +50,20 @@ class Summary(NamedTuple):
         frozen_bytes: bytes of the frozen parameters.
         adapted: one :class:`AdaptedKernel` per LoRA node.
         fully_trained: paths of the ``train`` leaves.
+        trained: one :class:`TrainedLeaf` (path, shape, parameters) per ``train`` leaf.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> params = {"fc": {"kernel": jnp.ones((16, 8))}, "head": {"kernel": jnp.ones((8, 1))}}
+        >>> s = lorax.summary(lorax.wrap(params, rank=2, targets="fc", train="head", dora=True))
+        >>> s.adapted[0].kind, s.trained[0].shape, s.total
+        ('dora', (8, 1), 192)
+        >>> print(s)
+        path         shape  rank  scale  params  kind
+        -----------  -----  ----  -----  ------  ----
+        fc/kernel    16x8   2     4      56      dora
+        head/kernel  8x1    full         8       full
+        trainable 64 (33.333%, 256 B) | frozen 128 (512 B) | total 192
     """
 
     trainable: int
@@ -48,17 +72,23 @@ class Summary(NamedTuple):
     frozen_bytes: int
     adapted: tuple[AdaptedKernel, ...]
     fully_trained: tuple[str, ...]
+    trained: tuple[TrainedLeaf, ...] = ()
 
     @property
     def total(self) -> int:
+        """All parameters, trainable and frozen."""
         return self.trainable + self.frozen
 
     def __str__(self) -> str:
-        rows = [("path", "shape", "rank", "scale", "params")]
-        rows += [(k.path, "x".join(map(str, k.shape)), str(k.rank), f"{k.scale:g}", f"{k.params:,}")
+        def shape(s: tuple[int, ...]) -> str:
+            return "x".join(map(str, s)) or "scalar"
+
+        rows = [("path", "shape", "rank", "scale", "params", "kind")]
+        rows += [(k.path, shape(k.shape), str(k.rank), f"{k.scale:g}", f"{k.params:,}", k.kind)
                  for k in self.adapted]
-        rows += [(p, "", "full", "", "") for p in self.fully_trained]
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        rows += [(t.path, shape(t.shape), "full", "", f"{t.params:,}", "full")
+                 for t in self.trained]
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                  for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -82,9 +112,9 @@ def summary(tree: Any) -> Summary:
         >>> s.trainable, s.frozen
         (48, 128)
         >>> print(s)
-        path          shape  rank  scale  params
-        ------------  -----  ----  -----  ------
-        dense/kernel  16x8   2     4      48
+        path          shape  rank  scale  params  kind
+        ------------  -----  ----  -----  ------  ----
+        dense/kernel  16x8   2     4      48      lora
         trainable 48 (27.273%, 192 B) | frozen 128 (512 B) | total 176
     """
     counts = {"trainable": [0, 0], "frozen": [0, 0]}
@@ -105,11 +135,18 @@ def summary(tree: Any) -> Summary:
                         add("trainable", factor)
                         factor_params += _size_bytes(factor)[0]
                 adapted.append(AdaptedKernel((leaf.path or path_str(keypath)) + suffix,
-                                             tuple(leaf.shape), f.rank, f.scale, factor_params))
+                                             tuple(leaf.shape), f.rank, f.scale, factor_params,
+                                             _kind(f, leaf.w)))
         elif isinstance(leaf, FullyTrained):
             add("trainable", leaf.value)
-            full.append(path_str(keypath))
+            full.append(TrainedLeaf(path_str(keypath), tuple(leaf.value.shape),
+                                    _size_bytes(leaf.value)[0]))
         elif is_array_like(leaf):
             add("frozen", leaf)
     return Summary(counts["trainable"][0], counts["frozen"][0], counts["trainable"][1],
-                   counts["frozen"][1], tuple(adapted), tuple(full))
+                   counts["frozen"][1], tuple(adapted), tuple(t.path for t in full), tuple(full))
+
+
+def _kind(factors: Any, w: Any) -> str:
+    kind = "dora" if factors.magnitude is not None else "pissa" if factors.residual else "lora"
+    return f"{kind}, {w.kind} base" if isinstance(w, QuantizedArray) else kind

@@ -77,18 +77,24 @@ def wrap(
     Args:
         params: a Flax Linen ``params`` dict (or FrozenDict), an ``nnx.State``, or any pytree of
             arrays; trees of ``jax.ShapeDtypeStruct`` give abstract factors.
-        rank: the default rank ``r``.
+        rank: the default rank ``r``; it may exceed a kernel's ``min(in, out)``, as in PEFT
+            (except with ``init="pissa"``).
         targets: which leaves to adapt. ``None`` selects every floating leaf of at least 2 dims
             named ``kernel`` (Flax) or Gemma's einsum weights (``q_einsum/w``, ``kv_einsum/w``,
             ``qkv_einsum/w``, ``attn_vec_einsum/w``, ``gating_einsum``, ``linear``; under
             ``kernel`` for ``nnx.Einsum``), not embedding tables (target those explicitly)
             and not a language model's output head (``lm_head``, ``logits_dense``,
-            ``logitdense``: :data:`lorax.selection.OUTPUT_HEADS`). A regex is
-            searched in the '/'-joined path; a list matches when any regex does; a callable
-            ``(path, leaf) -> bool``. A regex selects the ``kernel``/``embedding`` leaves under
-            the paths it matches (so ``"query"`` adapts a module's kernel, not its bias); any
-            other leaf is selected only when the regex reaches into its name (``"w_q$"``).
-        exclude: leaves never to adapt, in the same forms as ``targets``.
+            ``logitdense``: :data:`lorax.selection.OUTPUT_HEADS`). A string is a regex searched
+            in the '/'-joined path. A list names modules, as PEFT's ``target_modules``: a plain
+            name (``"q"``, ``"layers_1"``, ``"attention/query"``) matches whole path components
+            (so ``["q", "v"]`` does not reach ``relative_attention_bias`` and ``"layers_1"``
+            not ``layers_10``), an entry with regex syntax (``"layers_[0-3]"``, ``"^head/"``)
+            is a regex searched in the path. A callable ``(path, leaf) -> bool`` decides
+            itself. A string or list entry selects the ``kernel``/``embedding`` leaves under the
+            paths it matches (so ``"query"`` adapts a module's kernel, not its bias); any other
+            leaf is selected only when the pattern reaches into its name (``"w_q$"``).
+        exclude: leaves never to adapt, in the same forms as ``targets``; it may name
+            ``train`` leaves too (``exclude="head", train="head"``).
         alpha: the LoRA alpha; ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with ``rslora``).
         rank_pattern: ``{regex: rank}``; the first regex found in a path overrides ``rank``.
         alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
@@ -215,14 +221,15 @@ def adapt(path: str, w: Any, config: LoRAConfig, stack: tuple[int, ...] | None =
     n_stack, n_in = layout.count("s"), layout.count("i")
     order = layout_order(layout)
     canonical = tuple(w.shape[j] for j in order)
-    _, ins, outs = axis_groups(canonical, n_stack, n_in)
+    # A rank above min(in, out) is allowed, as in PEFT: a (in, r) and b (r, out) stay well
+    # defined (a Dense(1) head at the default rank 8 just has a redundant adapter).
     r = config.rank_at(path)
-    if r > min(math.prod(ins), math.prod(outs)):
+    _, ins, outs = axis_groups(canonical, n_stack, n_in)
+    if config.residual and r > min(math.prod(ins), math.prod(outs)):
         raise ValueError(
-            f"expected `rank` <= min(in, out) = min({math.prod(ins)}, {math.prod(outs)}), got {r} "
-            f"at {path!r} (layout {layout!r})" + (stack_hint(path, tuple(w.shape), layout)
-                                                 or "; a stacked kernel needs `axes=`")
-        )
+            f"expected `rank` <= min(in, out) = min({math.prod(ins)}, {math.prod(outs)}) with "
+            f"init={config.init!r} (the top-r singular directions of W), got {r} at {path!r} "
+            f"(layout {layout!r})" + (stack_hint(path, tuple(w.shape), layout) or ""))
     scale = config.scale_at(path, r)
     dtype = config.factor_dtype(w)
     stored = stored_layout(layout)  # canonical kernels keep the compact form

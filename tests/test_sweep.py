@@ -138,7 +138,6 @@ def test_analysis_missing_run_exits_2(tmp_path, capsys):
     "argv, message",
     [
         (["--targets", "q,x"], "unknown target set 'q,x'"),
-        (["--ranks", "400", "--targets", "q"], "expected `rank` <= min(in, out)"),
         (["--data", "/nonexistent/file.csv"], "/nonexistent/file.csv"),
     ],
 )
@@ -170,3 +169,11 @@ def test_negative_rank_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit) as exc:
         sweep.parse_args(["--ranks", "0"])
     assert exc.value.code == 2
+
+
+def test_analysis_refuses_equal_ranks(tmp_path, capsys):
+    # The same run twice would print every row twice.
+    with pytest.raises(SystemExit) as exit_:
+        analysis.main(["--out", str(tmp_path), "--ranks", "4", "4"])
+    assert exit_.value.code == 2
+    assert "two different ranks" in capsys.readouterr().err

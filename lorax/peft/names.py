@@ -92,7 +92,8 @@ NameMap = Mapping[str, "str | TorchParam"] | Callable[[str], "str | TorchParam |
 """Flax leaf path (``'/'``-joined, as :func:`lorax.paths.path_str`) -> PyTorch location.
 
 A ``dict`` or a callable returning ``None`` for unmapped paths. A ``str`` value is a module
-path (for a LoRA kernel: ``TorchParam(module)``); a :class:`TorchParam` says more.
+path (for a LoRA kernel: ``TorchParam(module)``), a tuple of ``str`` one module path per layer
+of a stacked kernel (``TorchParam(modules)``); a :class:`TorchParam` says more.
 """
 
 
@@ -101,7 +102,7 @@ def resolve(name_map: NameMap, path: str) -> TorchParam | None:
 
     Raises:
         TypeError: for a ``name_map`` that is neither a dict nor a callable, or a value that is
-            neither a ``str``, a :class:`TorchParam` nor ``None``.
+            neither a ``str``, a tuple of ``str``, a :class:`TorchParam` nor ``None``.
 
     Example:
         >>> resolve({"fc/kernel": "model.fc"}, "fc/kernel")
@@ -120,10 +121,10 @@ def resolve(name_map: NameMap, path: str) -> TorchParam | None:
         )
     if value is None or isinstance(value, TorchParam):
         return value
-    if isinstance(value, str):
+    if isinstance(value, str | tuple):  # a tuple: one module per layer of a stacked kernel
         return TorchParam(value)
     raise TypeError(
-        f"expected `name_map` to give a str or TorchParam for {path!r}, got "
+        f"expected `name_map` to give a str, a tuple of str or a TorchParam for {path!r}, got "
         f"{type(value).__name__}"
     )
 

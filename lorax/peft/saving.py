@@ -177,7 +177,14 @@ def _add_leaf(export: _Export, path: str, leaf: Any, target: TorchParam | None) 
                 "stacked leaves is not supported"
             )
         return
-    export.module_params.setdefault(target.module, []).append((path, target, leaf))
+    held = export.module_params.setdefault(target.module, [])
+    for other, other_target, _ in held:
+        if other_target.param == target.param:  # one tensor name: the second would be lost
+            raise ValueError(
+                f"`name_map` maps both {other!r} and {path!r} to the PyTorch parameter "
+                f"'{target.module}.{target.param}'; give each its own parameter, e.g. "
+                f"TorchParam({target.module!r}, 'bias') for a bias")
+    held.append((path, target, leaf))
     if trained:
         export.trained_modules.setdefault(target.module, path)
 
@@ -240,10 +247,11 @@ def _check_lora_target(path: str, node: LoRA, target: TorchParam | None) -> None
                 f"TorchParam(layout={node.roles!r}) to match the PyTorch module"
             )
     if node.n_stack and len(target.modules) != layers:
+        axes = [j for j, role in enumerate(node.roles) if role == "s"]
         raise NotImplementedError(
-            f"the LoRA kernel {path!r} is stacked over axes {list(node.stack_shape)}; PEFT has "
-            f"one module per kernel, so map it to a tuple of module paths ({layers}, one per "
-            "stacked kernel, row-major over the stack axes)"
+            f"the LoRA kernel {path!r} is stacked over axes {axes} (stack shape "
+            f"{list(node.stack_shape)}); PEFT has one module per kernel, so map it to a tuple "
+            f"of module paths ({layers}, one per stacked kernel, row-major over the stack axes)"
         )
     if node.n_stack == 0 and isinstance(target.module, tuple):
         raise ValueError(
