@@ -106,6 +106,72 @@ def _expand_product_backward(precision, residuals, g):
 _expand_product.defvjp(_expand_product_forward, _expand_product_backward)
 
 
+MERGE_MIN_OUT = 4096
+"""The narrowest output (``O``, the product of the kernel's output axes) for which
+:func:`merge_pays` may choose the merged kernel."""
+
+
+def merge_pays(n_rows: int, n_in: int, n_out: int) -> bool:
+    """Whether ``x·(W + s·A·B)`` is cheaper than ``x·W + s·(x·A)·B`` for ``x: (N, K)``.
+
+    The factorized term costs ``2·N·r·(K + O)`` FLOPs per pass, forming ``W + s·A·B`` costs
+    ``2·K·O·r`` once: merging pays its FLOPs when ``N > K·O / (K + O)``. It pays in bytes only
+    for wide outputs (``O >= MERGE_MIN_OUT``, a vocabulary head): there the factorized output
+    ``x·W + …`` is an activation several consumers read (the softmax's max, exponent and
+    gradient), so XLA writes and reads it once more, where a narrow layer's epilogue fuses
+    into its single consumer.
+
+    Example:
+        >>> merge_pays(1024, 512, 8192), merge_pays(256, 512, 8192), merge_pays(1024, 512, 512)
+        (True, False, False)
+    """
+    return n_out >= MERGE_MIN_OUT and n_rows * (n_in + n_out) > n_in * n_out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def merged_product(x: jax.Array, w: jax.Array, first: jax.Array, second: jax.Array,
+                   precision: Any = None) -> jax.Array:
+    """``x·(w + first·second)`` for ``x: (N, K)``, ``w: (K, O)``, gradients of ``x`` and the
+    factors only, none of them full-size: ``d first = xᵀ·(g·secondᵀ)``, ``d second =
+    (x·first)ᵀ·g``, ``dx = g·(w + first·second)ᵀ``. The scale is folded into ``second``.
+
+    Example:
+        >>> x, w = jnp.ones((4, 3)), jnp.eye(3)
+        >>> first, second = jnp.ones((3, 1)), jnp.full((1, 3), 0.5)
+        >>> merged_product(x, w, first, second)[0].tolist()
+        [2.5, 2.5, 2.5]
+    """
+    return _merged_forward(x, w, first, second, precision)[0]
+
+
+def _merged_forward(x, w, first, second, precision):
+    if first.shape[1] <= EPILOGUE_MAX_RANK:
+        delta = rank_expand(first, second)  # fused into the one pass over w
+    else:
+        delta = lax.dot_general(first, second, (((1,), (0,)), ((), ())), precision=precision)
+    merged = (w + delta).astype(w.dtype)
+    y = lax.dot_general(x, merged.astype(x.dtype), (((1,), (0,)), ((), ())),
+                        precision=precision)
+    return y, (x, merged, first, second)
+
+
+def _merged_backward(precision, residuals, g):
+    x, merged, first, second = residuals
+    dims = (((1,), (1,)), ((), ()))
+    dx = lax.dot_general(g, merged.astype(g.dtype), dims, precision=precision)
+    t = lax.dot_general(x, first.astype(x.dtype), (((1,), (0,)), ((), ())),
+                        precision=precision)
+    dsecond = lax.dot_general(t, g, (((0,), (0,)), ((), ())), precision=precision)
+    dfirst = lax.dot_general(x, lax.dot_general(g, second.astype(g.dtype), dims,
+                                                precision=precision),
+                             (((0,), (0,)), ((), ())), precision=precision)
+    return (dx.astype(x.dtype), None, dfirst.astype(first.dtype),
+            dsecond.astype(second.dtype))
+
+
+merged_product.defvjp(_merged_forward, _merged_backward)
+
+
 def feature_product(t: jax.Array, second: jax.Array, feature: int,
                     precision: Any = None) -> jax.Array:
     """``t``'s rank axis ``feature`` contracted with ``second: (r, O)``, ``O`` in its place.

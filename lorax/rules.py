@@ -10,6 +10,7 @@ full-size ``a @ b`` (nor its gradient) is ever formed. Anything else materialize
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -19,9 +20,10 @@ from jax.extend.core import primitives as prims
 
 from lorax import dora, routing
 from lorax.lora_value import LoRAValue, layout_error, transpose
-from lorax.lowrank import feature_product, lowrank_term
+from lorax.lowrank import feature_product, lowrank_term, merge_pays, merged_product
 from lorax.node import LoRA
 from lorax.qmatmul import frozen_product
+from lorax.quantized import is_quantized
 from lorax.view_rules import (
     convert_rule,
     dynamic_slice_rule,
@@ -148,6 +150,44 @@ def _lowrank_dot(v: LoRAValue, x: jax.Array, x_contract, x_batch, w_contract, w_
     return transpose(low, tuple(labels.index(label) for label in wanted))
 
 
+def _as_matrix(v: LoRAValue, x: jax.Array, xc, xb, wc, wb, side, params
+               ) -> tuple[tuple[int, ...], int, int] | None:
+    """``(free shape, K, O)`` when ``dot_general(x, W)`` is a plain matrix product
+    ``x: (N, K) · W: (K, O)`` up to bitcasts, else ``None``.
+
+    That is: ``W`` on the right, float, in canonical order and seen as such, no stack or batch
+    axes, ``x``'s contracted axes trailing in ``W``'s input order, and no Explicit mesh axes.
+    """
+    node = v.node
+    n_in = node.n_in
+    plain = (side == 1 and not xb and not wb and node.n_stack == 0 and node.is_canonical
+             and not is_quantized(node.w) and v.perm == tuple(range(v.ndim))
+             and list(wc) == list(range(n_in))
+             and list(xc) == list(range(x.ndim - n_in, x.ndim))
+             and _rank_sharding(x, xc, xb, 0) is None)
+    if not plain:
+        return None
+    return x.shape[:x.ndim - n_in], math.prod(node.in_shape), math.prod(node.out_shape)
+
+
+def _merged_dot(v: LoRAValue, x: jax.Array, matrix, params) -> jax.Array | None:
+    """``x·(W + s·A·B)`` (:func:`lorax.lowrank.merged_product`) where
+    :func:`lorax.lowrank.merge_pays` says it is cheaper than the factorized term, else ``None``
+    (also with DoRA, routing, dropout or another accumulation type)."""
+    node = v.node
+    if (matrix is None or v.routed or node.magnitude is not None
+            or (v.key is not None and node.dropout != 0.0)
+            or params.get("preferred_element_type") not in (None, x.dtype)):
+        return None
+    free, k, o = matrix
+    if not merge_pays(math.prod(free), k, o):
+        return None
+    second = node.b.reshape(node.rank, o) * jnp.asarray(node.scale, node.b.dtype)
+    y = merged_product(x.reshape(-1, k), node.w.reshape(k, o), node.a.reshape(k, node.rank),
+                       second, params.get("precision"))
+    return y.reshape(*free, *node.out_shape)
+
+
 def dot_general_rule(invals, params):
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     lhs, rhs = invals
@@ -158,6 +198,10 @@ def dot_general_rule(invals, params):
     xc, xb, wc, wb = (lc, lb, rc, rb) if side == 1 else (rc, rb, lc, lb)
     if v.routed:
         routing.check_routed(v, x, xc, xb, wc, wb, side)
+    matrix = _as_matrix(v, x, xc, xb, wc, wb, side, params)
+    merged = _merged_dot(v, x, matrix, params)
+    if merged is not None:
+        return merged
     node = v.node
     stack, _, outs = _axis_groups(node)
     cw, bw = [v.perm[d] for d in wc], [v.perm[d] for d in wb]
@@ -169,7 +213,13 @@ def dot_general_rule(invals, params):
         positions = {**dict(zip(cw, xc, strict=True)), **dict(zip(bw, xb, strict=True))}
         x = x * _dora_scale(node, x.ndim, positions, x.dtype)
     low = _lowrank_dot(v, x, list(xc), list(xb), list(wc), list(wb), side, params)
-    y = frozen_product(prims.dot_general_p, x, node.w, v.w_perm, params, side)
+    if matrix is None:
+        y = frozen_product(prims.dot_general_p, x, node.w, v.w_perm, params, side)
+    else:  # flattened like the low-rank term: dy·Wᵀ then contracts one axis, no copy of W
+        free, k, o = matrix
+        y = prims.dot_general_p.bind(x.reshape(-1, k), node.w.reshape(k, o), **{
+            **params, "dimension_numbers": (((1,), (0,)), ((), ()))})
+        y = y.reshape(*free, *node.out_shape)
     y = y + low.astype(y.dtype)
     if dora_out:
         # y = (*batch, *x_free, *w_free) for rhs kernels, (*batch, *w_free, *x_free) for lhs.

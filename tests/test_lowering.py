@@ -147,3 +147,29 @@ def test_lora_step_beats_the_handwritten_step():
     assert c["lora"].bytes_accessed / c["handwritten"].bytes_accessed <= 0.80, c
     assert c["lora"].flops / c["handwritten"].flops <= 1.02, c
     assert c["lora"].peak_bytes <= c["handwritten"].peak_bytes, c
+
+
+@pytest.mark.parametrize("rank", [4, lowrank.EPILOGUE_MAX_RANK + 1])
+def test_wide_output_takes_the_merged_kernel_and_matches_dense_math(rank):
+    # A vocabulary-head shape: O = 4096 >= MERGE_MIN_OUT and N = 24 > K·O/(K+O) ~ 8.
+    x, w = _normal(0, (2, 12, 8)), _normal(1, (8, 4096))
+    assert lowrank.merge_pays(24, 8, 4096)
+    lp = lorax.wrap({"head": {"kernel": w}}, rank=rank)
+    node = lp["head"]["kernel"]
+    node = dataclasses.replace(node, b=0.1 * _normal(2, node.b.shape))
+    lp = {"head": {"kernel": node}}
+    jaxpr = str(jax.make_jaxpr(lorax.lora(lambda p, x: x @ p["head"]["kernel"]))(lp, x))
+    assert "merged_product" in jaxpr
+    cotangent = _normal(3, (2, 12, 4096))
+
+    def loss(a, b, x, dense):
+        if dense:
+            return jnp.vdot(x @ (w + node.scale * a @ b), cotangent)
+        p = {"head": {"kernel": dataclasses.replace(node, a=a, b=b)}}
+        return jnp.vdot(lorax.lora(lambda p, x: x @ p["head"]["kernel"])(p, x), cotangent)
+
+    got = jax.value_and_grad(loss, argnums=(0, 1, 2))(node.a, node.b, x, False)
+    want = jax.value_and_grad(loss, argnums=(0, 1, 2))(node.a, node.b, x, True)
+    assert_close(got[0], want[0], ulps=256)
+    for g, e in zip(got[1], want[1], strict=True):
+        assert_close(g, e, ulps=256)
