@@ -8,10 +8,12 @@
 # and $OUT/status.txt (one "part rc=N seconds=S" line each). A failing or timed-out test part is
 # recorded and the bench still runs; the exit status is 0 only if every part passed.
 #
-# Knobs (environment): PYTHON (python3), TESTS_TIMEOUT_S (210: all test groups together, each
-# group gets a share), BENCH_TIMEOUT_S (420), TESTS=0 / BENCH=0 to skip a part, TEST_FILTER (a
-# pytest -k expression ANDed with the default one) and BENCH_EXTRA (more bench flags), e.g. for
-# a tiny local run: OUT=/tmp/gpuout TEST_FILTER=scan BENCH_EXTRA="--quick --no-rss" bash ...
+# The whole call stays under TOTAL_S (default 570 s; the device's per-call limit is 600 s): the
+# tests get TESTS_TIMEOUT_S (default 200, all groups together), the bench what is left (or
+# BENCH_TIMEOUT_S if smaller). Other knobs (environment): PYTHON (python3), TESTS=0 / BENCH=0 to
+# skip a part, TEST_FILTER (a pytest -k expression ANDed with the default one) and BENCH_EXTRA
+# (more bench flags). A tiny local run on CPU:
+#   OUT=/tmp/gpuout TEST_FILTER=scan BENCH_EXTRA="--quick --no-rss" bash experiments/gpu_check.sh
 #
 # pytest and tqdm may be missing on the image: `bash experiments/gpu_check.sh --prepare-deps`
 # (here, with network) puts pure-Python wheels of both into .gpu_deps (git-ignored; ~10 MB);
@@ -75,6 +77,7 @@ fi
 # preallocation (75% of the GPU per process by default), so a child can start next to its parent.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
+TOTAL_S=${TOTAL_S:-570}
 STATUS="$OUT/status.txt"
 : > "$STATUS"
 record() {  # part rc start_seconds
@@ -125,17 +128,22 @@ if [ "${TESTS:-1}" != 0 ]; then
   export JAX_DEFAULT_MATMUL_PRECISION=highest
   filter="not on_8_devices and not on_8_cpu_devices and not sigkill"
   [ -n "${TEST_FILTER:-}" ] && filter="($filter) and ($TEST_FILTER)"
+  # Groups, most telling first, with their weights: a group's timeout is its weight's share of
+  # what is left of the test budget (time a group does not use passes on to the next ones).
   groups=(
     "tests/test_compat.py lorax/compat.py lorax/interpreter.py lorax/infer.py"
     "tests/test_wrap.py tests/test_lora_transform.py tests/test_value_and_grad.py tests/test_traps.py tests/test_config.py lorax/config.py lorax/partition.py"
     "tests/test_layouts.py tests/test_layout_interop.py lorax/layouts.py"
     "tests/test_optimizer_merge.py tests/test_checkpoint.py tests/test_peft.py tests/test_sharding.py lorax/checkpoint.py"
   )
-  budget=${TESTS_TIMEOUT_S:-210}
+  weights=(2 4 3 2)
+  budget=${TESTS_TIMEOUT_S:-200}
   : > "$OUT/tests.log"
   for i in "${!groups[@]}"; do
     left=$((budget - (SECONDS - start)))
-    share=$((left / (${#groups[@]} - i)))
+    rest=0
+    for w in "${weights[@]:i}"; do rest=$((rest + w)); done
+    share=$((left * weights[i] / rest))
     start_group=$SECONDS
     if [ "$share" -lt 10 ]; then
       echo "tests[$i]: skipped, the test budget is spent" | tee -a "$OUT/tests.log"
@@ -147,6 +155,7 @@ if [ "${TESTS:-1}" != 0 ]; then
     timeout -k 10 "$share" "$PY" -m pytest -q -x -p no:cacheprovider --durations=5 \
       -k "$filter" ${groups[$i]} 2>&1 | tee -a "$OUT/tests.log"
     rc=$?
+    echo | tee -a "$OUT/tests.log"  # a timed-out pytest leaves its line of dots open
     [ "$rc" = 5 ] && rc=0  # nothing collected after the -k filter
     record "tests[$i]" "$rc" "$start_group"
   done
@@ -161,7 +170,10 @@ if [ "${BENCH:-1}" != 0 ]; then
   # shellcheck disable=SC2206  # BENCH_EXTRA is a word list, e.g. "--quick --no-rss"
   BENCH_ARGS+=(${BENCH_EXTRA:-})
   echo "=== bench: ${BENCH_ARGS[*]}" | tee "$OUT/bench.log"
-  timeout -k 10 "${BENCH_TIMEOUT_S:-420}" "$PY" -m experiments.bench "${BENCH_ARGS[@]}" 2>&1 \
+  bench_s=$((TOTAL_S - SECONDS - 15))  # what the whole call has left, less a margin
+  [ -n "${BENCH_TIMEOUT_S:-}" ] && [ "$BENCH_TIMEOUT_S" -lt "$bench_s" ] && bench_s=$BENCH_TIMEOUT_S
+  echo "bench timeout ${bench_s}s" | tee -a "$OUT/bench.log"
+  timeout -k 10 "$bench_s" "$PY" -m experiments.bench "${BENCH_ARGS[@]}" 2>&1 \
     | tee -a "$OUT/bench.log"
   record bench $? "$start"
 fi
