@@ -26,9 +26,10 @@ Differences handled here (as seen on jax 0.7.1, 0.8.2, 0.10.2 and in the 0.11 so
   ``num_consts``/``num_carry`` up to 0.10.2, with ``ft_in``/``ft_out`` (flat trees of the three
   groups, and of carry and stacked outputs) from 0.11.0 (jax commit 08958bdf, "Use FlatTree to
   structure scan arguments"): :func:`scan_counts`.
-* ``Jaxpr`` and ``ClosedJaxpr`` are one class from 0.11.0 (``ClosedJaxpr`` is an alias; a
-  jaxpr carries its ``consts``, and ``.jaxpr`` returns itself); lorax only reads ``.jaxpr``,
-  ``.consts``, ``.constvars`` and ``.invars``, which pair up the same way on both sides.
+* ``Jaxpr`` and ``ClosedJaxpr`` are one class from 0.11.0 (``ClosedJaxpr`` is an alias, to be
+  removed: :data:`ClosedJaxpr`; a jaxpr carries its ``consts``, and ``.jaxpr`` returns itself);
+  lorax only reads ``.jaxpr``, ``.consts``, ``.constvars`` and ``.invars``, which pair up the
+  same way on both sides.
 * ``closed_call_p`` (and ``call_p``) are aliases of the ``eval_jaxpr`` primitive after 0.11.0
   (jax commit 99a9f6e7, on ``main`` for 0.11.1), whose body is ``call_jaxpr``; ``eval_jaxpr``'s
   body was the parameter ``jaxpr`` before: :func:`called_jaxpr`.
@@ -69,6 +70,10 @@ class UnsupportedJaxError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ jaxpr classes
+
+#: ``jax.extend.core.ClosedJaxpr``: merged into ``Jaxpr`` from jax 0.11.0, where it is an alias
+#: that jax means to remove (then ``Jaxpr`` itself, whose ``.jaxpr`` and ``.consts`` it has).
+ClosedJaxpr: type = getattr(_jex, "ClosedJaxpr", _jex.Jaxpr)
 
 if hasattr(_jex, "DropVar"):
     DropVar: type = _jex.DropVar

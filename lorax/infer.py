@@ -19,9 +19,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from jax.extend.core import Jaxpr, Literal
 
 from lorax import compat
+from lorax.compat import ClosedJaxpr
 from lorax.layouts import default_layout
 from lorax.node import is_array_like, is_node, unbox
 from lorax.paths import path_str

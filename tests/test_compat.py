@@ -205,6 +205,13 @@ def test_drop_var_is_a_jaxpr_variable_class():
     assert issubclass(compat.DropVar, Var)
 
 
+def test_closed_jaxpr_is_what_make_jaxpr_returns():
+    """A class of its own up to jax 0.10.2; ``Jaxpr`` itself from 0.11.0 (an alias there)."""
+    closed = jax.make_jaxpr(jnp.sin)(1.0)
+    assert isinstance(closed, compat.ClosedJaxpr)
+    assert not isinstance(closed.jaxpr, compat.ClosedJaxpr) or closed.jaxpr is closed
+
+
 def _raises_naming(name: str, fn, *args, **kwargs) -> str:
     with pytest.raises(compat.UnsupportedJaxError) as err:
         fn(*args, **kwargs)
