@@ -18,7 +18,7 @@
 # pytest and tqdm may be missing on the image: `bash experiments/gpu_check.sh --prepare-deps`
 # (here, with network) puts pure-Python wheels of both into .gpu_deps (git-ignored; ~10 MB);
 # pass `carry: [".gpu_deps"]` to the device run. They come last on PYTHONPATH, so the image's
-# own packages win. Without .gpu_deps and without tqdm, a stand-in progress bar is used.
+# own packages win. Without tqdm anywhere, a stand-in progress bar prints the bench's labels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -42,7 +42,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d "$ROOT/.gpu_deps" ]; then
   export PYTHONPATH="$PYTHONPATH:$ROOT/.gpu_deps"
 fi
-if ! "$PY" -c "import tqdm" 2>/dev/null; then  # the bench's progress bar: a silent stand-in
+if ! "$PY" -c "import tqdm" 2>/dev/null; then  # the bench imports tqdm: a stand-in printing its labels
   STUB=$(mktemp -d)
   cat > "$STUB/tqdm.py" <<'PY'
 """Stand-in for tqdm (not installed): the bench's progress labels, one line each, on stderr."""
