@@ -1,26 +1,41 @@
 """Everything that differs across the supported JAX versions, in one place.
 
 lorax is tested from jax 0.7.1 / flax 0.12.0 to jax 0.10.2 / flax 0.12.8 (README, "Supported
-versions"). The rest of the package imports version-dependent names from here instead of from
-``jax`` directly, and :func:`check_params` guards every primitive whose parameters lorax reads:
-a parameter layout that no tested JAX produced raises :class:`UnsupportedJaxError` naming the
-primitive and the installed JAX version, instead of computing something wrong.
+versions"); it also knows the primitive parameters of jax 0.11 (read from its sources, the
+``jax-v0.11.0`` tag and the ``main`` branch that becomes 0.11.1/0.11.2, and run from the checkout
+on the lent GPU machine's jax 0.11.2), without widening the pinned range. The rest of the package
+imports version-dependent names from here instead of from ``jax`` directly, and
+:func:`check_params` guards every primitive whose parameters lorax reads: a parameter layout that
+no known JAX produced raises :class:`UnsupportedJaxError` naming the primitive and the installed
+JAX version, instead of computing something wrong.
 
-Differences handled here (as seen on jax 0.7.1, 0.8.2 and 0.10.2):
+Differences handled here (as seen on jax 0.7.1, 0.8.2, 0.10.2 and in the 0.11 sources):
 
-* ``jax.extend.core.DropVar`` exists on 0.10.2 only; before, ``jax.core.DropVar``.
+* ``jax.extend.core.DropVar`` exists from 0.10.2 on; before, ``jax.core.DropVar`` (removed
+  from ``jax.core`` in 0.11.0).
 * ``jax.extend.core.primitives.remat_p`` is missing on 0.7.1; the primitive is then read off
   the jaxpr of a ``jax.checkpoint``-ed function (still public API only).
 * ``Primitive.get_bind_params`` returns ``(subfuns, params)`` on 0.7.1 and 0.8.2, one dict
-  (subfuns inside) on 0.10.2: :func:`bind`.
+  (subfuns inside) on 0.10.2 and 0.11: :func:`bind`.
 * ``pvary`` (inserted by ``shard_map``'s default ``check_vma=True``; exported by none, so
   matched by name) is variadic (``multiple_results``) with an ``axis_index_groups`` parameter
   on 0.7.1, unary without it later: :func:`bind_each`, :func:`as_results`.
 * ``lax.pcast(x, axes, to="varying")`` is missing on 0.7.1 and ``lax.pvary`` deprecated from
-  0.8.2 on: :func:`pvary`.
+  0.8.2 on (removed in 0.10.0): :func:`pvary`.
+* ``scan`` says how its operands split into constants, carry and scanned inputs with
+  ``num_consts``/``num_carry`` up to 0.10.2, with ``ft_in``/``ft_out`` (flat trees of the three
+  groups, and of carry and stacked outputs) from 0.11.0 (jax commit 08958bdf, "Use FlatTree to
+  structure scan arguments"): :func:`scan_counts`.
+* ``Jaxpr`` and ``ClosedJaxpr`` are one class from 0.11.0 (``ClosedJaxpr`` is an alias, to be
+  removed: :data:`ClosedJaxpr`; a jaxpr carries its ``consts``, and ``.jaxpr`` returns itself);
+  lorax only reads ``.jaxpr``, ``.consts``, ``.constvars`` and ``.invars``, which pair up the
+  same way on both sides.
+* ``closed_call_p`` (and ``call_p``) are aliases of the ``eval_jaxpr`` primitive after 0.11.0
+  (jax commit 99a9f6e7, on ``main`` for 0.11.1), whose body is ``call_jaxpr``; ``eval_jaxpr``'s
+  body was the parameter ``jaxpr`` before: :func:`called_jaxpr`.
 * Parameters present on part of the range (``scan``'s ``linear``/``_split_transpose`` up to
   0.8.2, ``conv_general_dilated``'s ``out_sharding`` from 0.8.2) are listed in
-  :data:`PARAM_LAYOUTS`.
+  :data:`PARAM_LAYOUTS`, with the JAX versions that produce each layout.
 """
 
 from __future__ import annotations
@@ -37,6 +52,10 @@ from jax.extend.core import primitives as prims
 #: The tested range (pyproject.toml's bounds on jax).
 OLDEST_JAX, NEWEST_JAX = (0, 7, 1), (0, 10, 2)
 
+#: The newest JAX whose primitive parameters :data:`PARAM_LAYOUTS` describes: beyond the tested
+#: range, read from the 0.11 sources and run on the GPU machine's jax 0.11.2 only.
+NEWEST_KNOWN_JAX = (0, 11, 2)
+
 
 def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
@@ -51,6 +70,10 @@ class UnsupportedJaxError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ jaxpr classes
+
+#: ``jax.extend.core.ClosedJaxpr``: merged into ``Jaxpr`` from jax 0.11.0, where it is an alias
+#: that jax means to remove (then ``Jaxpr`` itself, whose ``.jaxpr`` and ``.consts`` it has).
+ClosedJaxpr: type = getattr(_jex, "ClosedJaxpr", _jex.Jaxpr)
 
 if hasattr(_jex, "DropVar"):
     DropVar: type = _jex.DropVar
@@ -147,6 +170,49 @@ def pvary(x: Any, axis_name: str | tuple[str, ...]) -> Any:
     return lax.pvary(x, axis_name)
 
 
+# --------------------------------------------------------------- reading version-dependent params
+
+
+def scan_counts(params: Mapping[str, Any]) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a ``scan`` equation: how many of its leading operands are
+    loop constants and how many the carry (the rest are scanned over).
+
+    ``num_consts``/``num_carry`` up to jax 0.10.2; from 0.11.0 ``ft_in``, a flat tree of the
+    three operand groups (constants, carry, scanned inputs) whose lengths are the counts.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> step = lambda c, x: (c + x, c * x)
+        >>> eqn = jax.make_jaxpr(lambda w: jax.lax.scan(step, w[0], w))(jnp.ones((3, 2))).eqns[-1]
+        >>> scan_counts(eqn.params)
+        (0, 1)
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    groups = params["ft_in"].unpack()
+    if len(groups) != 3:  # not (consts, carry, xs): a layout lorax does not know
+        raise UnsupportedJaxError(
+            f"lorax does not understand `scan`'s `ft_in` ({len(groups)} groups, not 3) with the "
+            f"installed jax {jax.__version__}"
+        )
+    return len(groups[0]), len(groups[1])
+
+
+def called_jaxpr(params: Mapping[str, Any]) -> Any:
+    """The body (a closed jaxpr) of a call primitive: ``closed_call``, ``eval_jaxpr``.
+
+    ``call_jaxpr``; ``eval_jaxpr`` named it ``jaxpr`` up to jax 0.11.0 (later ``closed_call_p``
+    is ``eval_jaxpr``, with ``call_jaxpr``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> body = jax.make_jaxpr(jnp.sin)(1.0)
+        >>> called_jaxpr({"jaxpr": body}) is called_jaxpr({"call_jaxpr": body}) is body
+        True
+    """
+    return params["call_jaxpr"] if "call_jaxpr" in params else params["jaxpr"]
+
+
 # ------------------------------------------------------------------- primitive parameter layouts
 
 
@@ -171,22 +237,44 @@ def _jaxprs(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and all(_closed(b) for b in value)
 
 
+def _flat_tree(groups: int) -> Callable[[Any], bool]:
+    """A jax ``FlatTree`` (0.11 on) packing ``groups`` operand groups, each with a length."""
+    def check(value: Any) -> bool:
+        try:
+            parts = value.unpack()
+            return len(parts) == groups and all(isinstance(len(p), int) for p in parts)
+        except (AttributeError, TypeError, ValueError, AssertionError):
+            return False
+
+    return check
+
+
+def _text(version: tuple[int, ...] | None) -> str:
+    return "" if version is None else ".".join(map(str, version))
+
+
 class Layout:
-    """The parameters of one primitive that lorax understands.
+    """The parameters of one primitive that lorax understands, as some JAX versions produce them.
 
     Args:
         required: parameter name -> a check of its value (``None``: any value); each must be
             present.
-        optional: parameters that some tested JAX versions have and lorax may ignore or pass on.
+        optional: parameters that some JAX versions have and lorax may ignore or pass on.
         open_ended: other, unknown parameters are allowed too (for call-like primitives whose
             extra parameters only concern compilation, e.g. ``jit``'s shardings and name).
+        versions: ``(first, last)``, the JAX versions that produce this layout (``last=None``:
+            still the newest known). Informational: :func:`check_params` accepts any listed
+            layout of a primitive (none reuses a parameter name with another meaning), and
+            names the versions in its error.
     """
 
     def __init__(self, required: Mapping[str, Callable[[Any], bool] | None],
-                 optional: tuple[str, ...] = (), open_ended: bool = False):
+                 optional: tuple[str, ...] = (), open_ended: bool = False,
+                 versions: tuple[tuple[int, ...], tuple[int, ...] | None] = (OLDEST_JAX, None)):
         self.required = dict(required)
         self.optional = frozenset(optional)
         self.open_ended = open_ended
+        self.versions = versions
 
     def problems(self, params: Mapping[str, Any]) -> list[str]:
         """What in ``params`` does not fit (empty when it fits)."""
@@ -199,42 +287,56 @@ class Layout:
             out += [f"unknown parameter {k!r}" for k in sorted(set(params) - known)]
         return out
 
+    def __repr__(self) -> str:
+        first, last = self.versions
+        return f"Layout({sorted(self.required)}, jax {_text(first)}..{_text(last)})"
 
-#: The parameter layouts lorax reads, by primitive name: the union of what jax 0.7.1 and
-#: jax 0.10.2 produce. Primitives not listed are only ever bound unchanged.
-PARAM_LAYOUTS: dict[str, Layout] = {
-    "dot_general": Layout({"dimension_numbers": _dot_numbers, "precision": None,
-                           "preferred_element_type": None}, ("out_sharding",)),
-    "conv_general_dilated": Layout(
+
+#: ``scan`` up to jax 0.10.2 and from 0.11.0 (the operand groups as flat trees).
+_SCAN_COMMON = {"jaxpr": _closed, "length": _int, "reverse": None, "unroll": None}
+
+#: The parameter layouts lorax reads, by primitive name: each entry lists what the known JAX
+#: versions produce (jax 0.7.1 to 0.10.2 tested, 0.11 read from its sources). Primitives not
+#: listed are only ever bound unchanged.
+PARAM_LAYOUTS: dict[str, tuple[Layout, ...]] = {
+    "dot_general": (Layout({"dimension_numbers": _dot_numbers, "precision": None,
+                            "preferred_element_type": None}, ("out_sharding",)),),
+    "conv_general_dilated": (Layout(
         {"dimension_numbers": _has("lhs_spec", "rhs_spec", "out_spec"),
          "feature_group_count": _int, "batch_group_count": _int, "window_strides": None,
          "padding": None, "lhs_dilation": None, "rhs_dilation": None, "precision": None,
          "preferred_element_type": None},
-        ("out_sharding",)),  # from jax 0.8.2
-    "gather": Layout(
+        ("out_sharding",)),),  # from jax 0.8.2
+    "gather": (Layout(
         {"dimension_numbers": _has("offset_dims", "collapsed_slice_dims", "start_index_map",
                                    "operand_batching_dims"),
          "slice_sizes": None},
-        ("indices_are_sorted", "unique_indices", "mode", "fill_value")),
-    "transpose": Layout({"permutation": None}),
-    "convert_element_type": Layout({"new_dtype": None}, ("weak_type", "sharding")),
-    "reshape": Layout({"new_sizes": None, "dimensions": None}, ("sharding",)),
-    "slice": Layout({"start_indices": None, "limit_indices": None, "strides": None}),
-    "dynamic_slice": Layout({"slice_sizes": None}),
-    "squeeze": Layout({"dimensions": None}),
-    "copy": Layout({}),
-    "stop_gradient": Layout({}),
-    "pvary": Layout({"axes": None}, ("axis_index_groups",)),  # axis_index_groups: 0.7.1
-    "jit": Layout({"jaxpr": _closed}, open_ended=True),
-    "closed_call": Layout({"call_jaxpr": _closed}, open_ended=True),
-    "remat2": Layout({"jaxpr": _open, "prevent_cse": None, "policy": None},
-                     ("differentiated",)),
-    "scan": Layout({"jaxpr": _closed, "num_consts": _int, "num_carry": _int, "length": _int,
-                    "reverse": None, "unroll": None},
-                   ("linear", "_split_transpose")),  # both: up to jax 0.8.2
-    "cond": Layout({"branches": _jaxprs}),
-    "while": Layout({"cond_jaxpr": _closed, "body_jaxpr": _closed, "cond_nconsts": _int,
-                     "body_nconsts": _int}),
+        ("indices_are_sorted", "unique_indices", "mode", "fill_value")),),
+    "transpose": (Layout({"permutation": None}),),
+    "convert_element_type": (Layout({"new_dtype": None}, ("weak_type", "sharding")),),
+    "reshape": (Layout({"new_sizes": None, "dimensions": None}, ("sharding",)),),
+    "slice": (Layout({"start_indices": None, "limit_indices": None, "strides": None}),),
+    "dynamic_slice": (Layout({"slice_sizes": None}),),
+    "squeeze": (Layout({"dimensions": None}),),
+    "copy": (Layout({}),),
+    "stop_gradient": (Layout({}),),
+    "pvary": (Layout({"axes": None}, ("axis_index_groups",)),),  # axis_index_groups: 0.7.1
+    "jit": (Layout({"jaxpr": _closed}, open_ended=True),),  # `inline`: an enum from 0.11.0
+    "closed_call": (Layout({"call_jaxpr": _closed}, open_ended=True,
+                           versions=(OLDEST_JAX, (0, 11, 0))),),
+    # `closed_call_p` is `eval_jaxpr_p` after 0.11.0; before, eval_jaxpr's body was `jaxpr`.
+    "eval_jaxpr": (Layout({"jaxpr": _closed}, versions=(OLDEST_JAX, (0, 11, 0))),
+                   Layout({"call_jaxpr": _closed}, open_ended=True, versions=((0, 11, 1), None))),
+    "remat2": (Layout({"jaxpr": _open, "prevent_cse": None, "policy": None},
+                      ("differentiated",)),),
+    "scan": (Layout({**_SCAN_COMMON, "num_consts": _int, "num_carry": _int},
+                    ("linear", "_split_transpose"),  # both: up to jax 0.8.2
+                    versions=(OLDEST_JAX, NEWEST_JAX)),
+             Layout({**_SCAN_COMMON, "ft_in": _flat_tree(3), "ft_out": _flat_tree(2)},
+                    versions=((0, 11, 0), None))),
+    "cond": (Layout({"branches": _jaxprs}),),
+    "while": (Layout({"cond_jaxpr": _closed, "body_jaxpr": _closed, "cond_nconsts": _int,
+                      "body_nconsts": _int}),),
 }
 
 
@@ -247,8 +349,8 @@ def check_params(primitive: Any, params: Mapping[str, Any]) -> None:
 
     Raises:
         UnsupportedJaxError: naming the primitive, what does not fit, and the installed JAX
-            version, when ``params`` does not match :data:`PARAM_LAYOUTS` (primitives not
-            listed there pass).
+            version, when ``params`` matches none of the primitive's :data:`PARAM_LAYOUTS`
+            (primitives not listed there pass).
 
     Example:
         >>> check_params("transpose", {"permutation": (1, 0)})
@@ -259,15 +361,22 @@ def check_params(primitive: Any, params: Mapping[str, Any]) -> None:
 primitive `transpose` (no parameter 'permutation'; unknown parameter 'perm') ...
     """
     name = getattr(primitive, "name", primitive)
-    layout = PARAM_LAYOUTS.get(name)
-    if layout is None:
+    layouts = PARAM_LAYOUTS.get(name)
+    if layouts is None:
         return
-    problems = layout.problems(params)
-    if problems:
-        oldest, newest = (".".join(map(str, v)) for v in (OLDEST_JAX, NEWEST_JAX))
+    problems = [layout.problems(params) for layout in layouts]
+    if all(problems):
+        if len(layouts) == 1:
+            why = "; ".join(problems[0])
+        else:
+            why = " / ".join(
+                f"as on jax {_text(lay.versions[0])}..{_text(lay.versions[1])}: {'; '.join(p)}"
+                for lay, p in zip(layouts, problems, strict=True))
+        oldest, newest = (_text(v) for v in (OLDEST_JAX, NEWEST_JAX))
         raise UnsupportedJaxError(
             f"lorax does not understand the parameters of the JAX primitive `{name}` "
-            f"({'; '.join(problems)}) with the installed jax {jax.__version__}; lorax is tested "
-            f"with jax {oldest} to {newest}. Install a jax in that range, or report this at "
-            "lorax's issue tracker with your jax version."
+            f"({why}) with the installed jax {jax.__version__}; lorax is tested with jax "
+            f"{oldest} to {newest} (and knows the parameters of {_text(NEWEST_KNOWN_JAX)}). "
+            "Install a jax in the tested range, or report this at lorax's issue tracker with "
+            "your jax version."
         )

@@ -19,8 +19,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from jax.extend.core import Jaxpr, Literal
 
+from lorax import compat
+from lorax.compat import ClosedJaxpr
 from lorax.layouts import default_layout
 from lorax.node import is_array_like, is_node, unbox
 from lorax.paths import path_str
@@ -172,7 +174,7 @@ class _Walker:
     def higher_order(self, eqn, views) -> list[_View | None] | None:
         name, params = eqn.primitive.name, eqn.params
         if name == "scan":
-            n_consts, n_carry = params["num_consts"], params["num_carry"]
+            n_consts, n_carry = compat.scan_counts(params)
             inner = list(views)
             for k in range(n_consts, n_consts + n_carry):
                 inner[k] = None

@@ -199,7 +199,7 @@ def eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
 
 def _lora_eqn(eqn, invals):
     compat.check_params(eqn.primitive, eqn.params)  # unknown layouts fail loudly
-    higher = _HIGHER_ORDER.get(eqn.primitive)
+    higher = _HIGHER_ORDER.get(eqn.primitive) or _HIGHER_ORDER_BY_NAME.get(eqn.primitive.name)
     if higher is not None:
         return higher(eqn.params, invals)
     rule = RULES.get(eqn.primitive)
@@ -212,9 +212,9 @@ def _lora_eqn(eqn, invals):
     return _bind(eqn, _concrete(invals, eqn.primitive.name))
 
 
-def _inline(key):
+def _inline(body):
     def run(params, invals):
-        closed = params[key]
+        closed = body(params)
         return eval_jaxpr(closed.jaxpr, closed.consts, invals)
 
     return run
@@ -232,7 +232,7 @@ def _remat(params, invals):
 
 def _scan(params, invals):
     closed = params["jaxpr"]
-    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    n_consts, n_carry = compat.scan_counts(params)
     length = params["length"]
     consts = invals[:n_consts]
     init = _concrete(invals[n_consts : n_consts + n_carry], "scan carry")
@@ -310,10 +310,13 @@ def _while(params, invals):
 
 
 _HIGHER_ORDER = {
-    prims.jit_p: _inline("jaxpr"),
-    prims.closed_call_p: _inline("call_jaxpr"),
+    prims.jit_p: _inline(lambda params: params["jaxpr"]),
+    prims.closed_call_p: _inline(compat.called_jaxpr),  # eval_jaxpr_p after jax 0.11.0
     compat.remat_p: _remat,
     prims.scan_p: _scan,
     prims.cond_p: _cond,
     prims.while_p: _while,
 }
+
+# Higher-order primitives that `jax.extend` does not export (up to 0.11.0), matched by name.
+_HIGHER_ORDER_BY_NAME = {"eval_jaxpr": _inline(compat.called_jaxpr)}
