@@ -126,14 +126,14 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L 2>&1 | tee -a "$OUT/versions.t
 if [ "${TESTS:-1}" != 0 ]; then
   start=$SECONDS
   export JAX_DEFAULT_MATMUL_PRECISION=highest
-  filter="not on_8_devices and not on_8_cpu_devices and not sigkill"
+  filter="not on_8_devices and not on_8_cpu_devices and not sigkill and not bytes_near and not beats_the"
   [ -n "${TEST_FILTER:-}" ] && filter="($filter) and ($TEST_FILTER)"
   # Groups, most telling first, with their weights: a group's timeout is its weight's share of
   # what is left of the test budget (time a group does not use passes on to the next ones).
   groups=(
     "tests/test_compat.py lorax/compat.py lorax/interpreter.py lorax/infer.py"
     "tests/test_wrap.py tests/test_lora_transform.py tests/test_value_and_grad.py tests/test_traps.py tests/test_config.py lorax/config.py lorax/partition.py"
-    "tests/test_layouts.py tests/test_layout_interop.py lorax/layouts.py"
+    "tests/test_layouts.py tests/test_layout_interop.py tests/test_lowering.py lorax/layouts.py lorax/lowrank.py"
     "tests/test_optimizer_merge.py tests/test_checkpoint.py tests/test_peft.py tests/test_sharding.py lorax/checkpoint.py"
   )
   weights=(2 4 3 2)
@@ -165,7 +165,8 @@ fi
 # ---------------------------------------------------------------------------------------- bench
 if [ "${BENCH:-1}" != 0 ]; then
   start=$SECONDS
-  BENCH_ARGS=(--models gpt --out "$OUT/bench")
+  BENCH_ARGS=(--models gpt --dtypes float32 bfloat16 --no-rss --no-extras --steps 20
+              --out "$OUT/bench")
   # BENCH_ARGS
   # shellcheck disable=SC2206  # BENCH_EXTRA is a word list, e.g. "--quick --no-rss"
   BENCH_ARGS+=(${BENCH_EXTRA:-})

@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sequences per batch (default: 8; 2 with --quick)")
     parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=None,
                         help="measure peak RSS in subprocesses (default: on; off with --quick)")
+    parser.add_argument("--no-extras", dest="extras", action="store_false",
+                        help="only the per-model step measurements: no rank sweep, scale "
+                        "planning or step-memory table (e.g. a short run on a lent GPU)")
     parser.add_argument("--_worker", choices=WORKER_KINDS, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -264,11 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweeps = {
         w.name: [r for r in (QUICK_SWEEP if quick else RANK_SWEEP)
                  if r <= max_rank(w.params, **w.wrap_kwargs)]
-        for w in workloads if w.name == "gpt" and w.shapes["dtype"] == args.dtypes[0]
+        for w in workloads
+        if args.extras and w.name == "gpt" and w.shapes["dtype"] == args.dtypes[0]
     }
     stages = (len(workloads) * (2 + 2 * rss + len(ranks) * (3 + rss))
               + sum(len(set(rs) - set(ranks)) for rs in sweeps.values())
-              + len(LLAMA_SHAPES) * len(TARGET_SETS) + 1)
+              + (len(LLAMA_SHAPES) * len(TARGET_SETS) + 1) * args.extras)
     results, sweep, planning = [], [], []
     with tqdm(total=stages, file=sys.stderr, desc="bench", disable=None, leave=False) as bar:
         def progress(label: str) -> None:
@@ -282,13 +286,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 known = {row["rank"]: row["flops_lora"] for row in rows}
                 sweep += rank_sweep(workload, sweeps[workload.name], base["frozen"].flops,
                                     base["full"].flops, known, progress)
-        for name in LLAMA_SHAPES:
+        memory_rows = []
+        for name in LLAMA_SHAPES if args.extras else ():
             for targets in TARGET_SETS:
                 progress(f"scale {name} {targets}")
                 planning.append(plan_scale(name, targets))
-        progress("step memory by base")
-        memory_rows = memory.memory_rows(QUICK_GPT, (1, QUICK_BATCH)) if quick else \
-            memory.memory_rows()
+        if args.extras:
+            progress("step memory by base")
+            memory_rows = memory.memory_rows(QUICK_GPT, (1, QUICK_BATCH)) if quick else \
+                memory.memory_rows()
 
     for row in results:
         row["machine"] = machine
