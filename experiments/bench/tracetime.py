@@ -4,8 +4,10 @@
 re-evaluates that jaxpr with the adapters, so a LoRA step costs more Python work to trace than
 the full step. :func:`trace_times` measures ``jax.jit(step).trace(*abstract args)`` of both steps
 of the benchmark GPT (:mod:`experiments.bench.steps`), interleaved (L F L F ...) with
-``jax.clear_caches()`` before each trace, so every repetition is a first trace. Trace time
-depends on the number of equations (layers), not on widths: the sweep uses narrow models of
+``jax.clear_caches()`` before each trace, so every repetition is a first trace. Tracing is
+single-threaded Python, so the clock is the tracing thread's CPU time (``time.thread_time``):
+on a shared machine it leaves out the time spent waiting for a core. Trace time depends on the
+number of equations (layers), not on widths: the sweep uses narrow models of
 :data:`TRACE_DEPTHS` unrolled layers.
 """
 
@@ -44,7 +46,7 @@ def narrow_gpt(n_layers: int) -> gpt.GPTConfig:
 
 def trace_times(config: gpt.GPTConfig, reps: int = 5, rank: int = TRACE_RANK
                 ) -> dict[str, list[float]]:
-    """Seconds to trace the LoRA and the full step of a GPT, ``reps`` interleaved times each.
+    """CPU seconds to trace the LoRA and the full step of a GPT, ``reps`` interleaved times each.
 
     Both steps are traced on abstract arguments (``jax.ShapeDtypeStruct`` params, optimizer
     state and batch); caches are cleared before each trace.
@@ -75,9 +77,9 @@ def trace_times(config: gpt.GPTConfig, reps: int = 5, rank: int = TRACE_RANK
     for _ in range(reps):
         for name, (fn, fn_args) in args.items():
             jax.clear_caches()
-            start = time.perf_counter()
+            start = time.thread_time()
             jax.jit(fn).trace(*fn_args)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.thread_time() - start)
     return times
 
 
