@@ -5,8 +5,10 @@ function sees ordinary arrays of the usual shapes), then evaluates the resulting
 by equation. Values derived from a LoRA node stay symbolic (:class:`lorax.lora_value.LoRAValue`)
 through layout primitives and are consumed by the factorized rules in :mod:`lorax.rules`.
 Higher-order primitives (``jit``, ``remat``, ``scan``, ``cond``, ``while``) are re-issued with
-their bodies interpreted the same way; every other equation is bound unchanged. Only public
-APIs are used: ``jax.make_jaxpr`` and ``jax.extend.core``.
+their bodies interpreted the same way; every other equation is bound unchanged. Equations and
+consumer rules are bound through inline ``jit`` functions cached by their signature
+(:mod:`lorax.staging`), so JAX traces and differentiates a repeated layer once. Only public
+APIs are used: ``jax.make_jaxpr``, ``jax.jit`` and ``jax.extend.core``.
 """
 
 from __future__ import annotations

@@ -109,3 +109,14 @@ def trace_sweep(depths: Sequence[int] = TRACE_DEPTHS, reps: int = 5) -> list[dic
     """
     return [{"n_layers": n, "reps": reps, **trace_summary(trace_times(narrow_gpt(n), reps))}
             for n in depths]
+
+
+def trace_report(config: gpt.GPTConfig, reps: int, depths: Sequence[int] = ()
+                 ) -> dict[str, Any]:
+    """The benchmark's ``trace`` entry: the GPT of ``config`` and a sweep over ``depths``.
+
+    Returns:
+        ``{"n_layers", "reps", <trace_summary>, "sweep": trace_sweep(depths, reps)}``.
+    """
+    return {"n_layers": config.n_layers, "reps": reps,
+            **trace_summary(trace_times(config, reps)), "sweep": trace_sweep(depths, reps)}
