@@ -5,8 +5,10 @@ function sees ordinary arrays of the usual shapes), then evaluates the resulting
 by equation. Values derived from a LoRA node stay symbolic (:class:`lorax.lora_value.LoRAValue`)
 through layout primitives and are consumed by the factorized rules in :mod:`lorax.rules`.
 Higher-order primitives (``jit``, ``remat``, ``scan``, ``cond``, ``while``) are re-issued with
-their bodies interpreted the same way; every other equation is bound unchanged. Only public
-APIs are used: ``jax.make_jaxpr`` and ``jax.extend.core``.
+their bodies interpreted the same way; every other equation is bound unchanged. Equations and
+consumer rules are bound through inline ``jit`` functions cached by their signature
+(:mod:`lorax.staging`), so JAX traces and differentiates a repeated layer once. Only public
+APIs are used: ``jax.make_jaxpr``, ``jax.jit`` and ``jax.extend.core``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from jax import lax
 from jax.extend.core import Literal
 from jax.extend.core import primitives as prims
 
-from lorax import compat, infer, routing
+from lorax import compat, infer, routing, staging
 from lorax.layouts import canonical_layout
 from lorax.lora_value import LayoutError, LoRAValue
 from lorax.node import LoRA, is_adapted, is_node, unbox
@@ -169,7 +171,7 @@ def _concrete(values: Sequence[Any], where: str) -> list[Any]:
 
 
 def _bind(eqn, invals):
-    return compat.bind(eqn.primitive, invals, eqn.params)
+    return staging.bind(eqn, invals)
 
 
 def eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
@@ -206,10 +208,17 @@ def _lora_eqn(eqn, invals):
     if rule is None and eqn.primitive.name in NAMED_RULES:
         rule = NAMED_RULES[eqn.primitive.name](eqn.primitive)
     if rule is not None:
-        out = rule(invals, eqn.params)
+        if eqn.primitive in _CONSUMERS:  # returns arrays: staged with JAX's caches
+            out = staging.apply_rule(rule, eqn, invals)
+        else:
+            out = rule(invals, eqn.params)
         if out is not None:
             return out
     return _bind(eqn, _concrete(invals, eqn.primitive.name))
+
+
+# Primitives whose rules return arrays (the layout rules return LoRA values).
+_CONSUMERS = frozenset({prims.dot_general_p, prims.conv_general_dilated_p, prims.gather_p})
 
 
 def _inline(body):

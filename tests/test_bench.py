@@ -26,6 +26,7 @@ from experiments.bench import (
     scale,
     steps,
     timing,
+    tracetime,
     workloads,
 )
 
@@ -159,8 +160,14 @@ def test_quick_run_writes_both_files_with_finite_positive_numbers(tmp_path, caps
     ]
     assert [r["rank"] for r in planned["rank_scaling"]] == list(ranks.QUICK_SWEEP)
     assert planned["machine"]["device_kind"] == jax.devices()[0].device_kind
+    trace = planned["trace"]
+    assert trace["n_layers"] == workloads.QUICK_GPT.n_layers and trace["sweep"] == []
+    for key in ("lora_over_full_trace", "trace_s_lora", "trace_s_full"):
+        assert math.isfinite(trace[key]) and trace[key] > 0, key
+    assert trace["lora_over_full_trace_min"] <= trace["lora_over_full_trace"]
+    assert trace["lora_over_full_trace"] <= trace["lora_over_full_trace_max"]
     for heading in ("## Compute", "## Memory", "## Scale planning", "## Rank scaling",
-                    "## Step memory by frozen base"):
+                    "## Trace time", "## Step memory by frozen base"):
         assert heading in markdown
     memory = {(r["batch"], r["program"]): r for r in planned["memory"]}
     assert sorted({batch for batch, _ in memory}) == [1, workloads.QUICK_BATCH]
@@ -204,7 +211,7 @@ def test_interleaved_wall_alternates_and_summarizes():
 
 
 @pytest.mark.parametrize(
-    "module", [workloads, steps, cost, timing, footprint, scale, ranks, report, gpt],
+    "module", [workloads, steps, cost, timing, tracetime, footprint, scale, ranks, report, gpt],
     ids=lambda m: m.__name__,
 )
 def test_docstring_examples(module):

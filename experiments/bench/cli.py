@@ -35,7 +35,11 @@ each model (a GPT-style decoder, :mod:`experiments.gpt`, and the pretrained Mini
    Llama-2-7B- and 70B-shaped bf16 trees (``q,k,v,o`` and all linear layers at r = 8): trainable
    parameters, adapter and Adam-state bytes, and the wall time of the abstract wrap.
 5. **Rank scaling**: LoRA-step FLOPs of the GPT for r = 1, 2, 4, ..., 256 against the frozen floor.
-6. **Step memory by base** (:mod:`experiments.memory`): XLA's argument, temp, output and peak
+6. **Trace time** (:mod:`~experiments.bench.tracetime`): CPU seconds to trace the LoRA step
+   against the full step of the benchmark GPT, and of narrow 24- and 48-layer GPTs,
+   interleaved, caches cleared before each trace; ``lora_over_full_trace`` is the median of
+   the per-repetition ratios (``--quick``: the tiny GPT only, 3 repetitions).
+7. **Step memory by base** (:mod:`experiments.memory`): XLA's argument, temp, output and peak
    bytes of the gradient programs of full fine-tuning, the frozen floor and LoRA on float32,
    bfloat16, nf4 and int8 frozen kernels, for a weight-dominated GPT
    (:data:`experiments.memory.MEMORY_GPT`) at batch 1 and 16 (``--quick``: the tiny GPT at
@@ -82,7 +86,9 @@ from experiments.bench.report import machine_info, render_markdown
 from experiments.bench.scale import LLAMA_SHAPES, TARGET_SETS, plan_scale
 from experiments.bench.steps import make_steps
 from experiments.bench.timing import time_steps
+from experiments.bench.tracetime import TRACE_DEPTHS, trace_report
 from experiments.bench.workloads import MODELS, QUICK_BATCH, QUICK_GPT, Workload, make_workload
+from experiments.gpt import GPTConfig
 
 
 def bench_model(
@@ -272,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     stages = (len(workloads) * (2 + 2 * rss + len(ranks) * (3 + rss))
               + sum(len(set(rs) - set(ranks)) for rs in sweeps.values())
-              + (len(LLAMA_SHAPES) * len(TARGET_SETS) + 1) * args.extras)
+              + (len(LLAMA_SHAPES) * len(TARGET_SETS) + 2) * args.extras)
     results, sweep, planning = [], [], []
     with tqdm(total=stages, file=sys.stderr, desc="bench", disable=None, leave=False) as bar:
         def progress(label: str) -> None:
@@ -291,7 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for targets in TARGET_SETS:
                 progress(f"scale {name} {targets}")
                 planning.append(plan_scale(name, targets))
+        trace = None
         if args.extras:
+            progress("trace time")
+            trace = trace_report(QUICK_GPT, 3) if quick else \
+                trace_report(GPTConfig(), 5, TRACE_DEPTHS)
             progress("step memory by base")
             memory_rows = memory.memory_rows(QUICK_GPT, (1, QUICK_BATCH)) if quick else \
                 memory.memory_rows()
@@ -299,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in results:
         row["machine"] = machine
     scale = {"machine": machine, "scale_planning": planning, "rank_scaling": sweep,
-             "memory": memory_rows, "notes": notes, "elapsed_s": time.perf_counter() - start}
+             "memory": memory_rows, "trace": trace, "notes": notes,
+             "elapsed_s": time.perf_counter() - start}
     report = render_markdown(results, scale, machine)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as handle:

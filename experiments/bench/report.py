@@ -184,6 +184,18 @@ def render_markdown(
         if costly:
             lines += ["", f"The low-rank term costs more than 5% over the frozen floor from "
                       f"r = {costly[0]}."]
+    if scale.get("trace"):
+        trace = scale["trace"]
+        traced = [(trace, " (bench GPT)"), *((row, " (narrow)") for row in trace["sweep"])]
+        lines += ["", "## Trace time (CPU s of `jax.jit(step).trace`, median of interleaved "
+                  f"repetitions, {trace['reps']} each)", ""]
+        lines += _table(
+            ["layers", "LoRA/full (min-max)", "s LoRA / full"],
+            [[f"{row['n_layers']}{label}", f"{row['lora_over_full_trace']:.2f} "
+              f"({row['lora_over_full_trace_min']:.2f}-{row['lora_over_full_trace_max']:.2f})",
+              f"{row['trace_s_lora']:.2f} / {row['trace_s_full']:.2f}"]
+             for row, label in traced],
+        )
     if scale.get("memory"):
         lines += ["", "## Step memory by frozen base (XLA memory_analysis)", ""]
         lines += memory.render(scale["memory"])
