@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# The custom_vjp rules below are jitted (static precision): JAX then traces each once per
+# signature, not once per layer, and XLA inlines them where they are called.
 EPILOGUE_MAX_RANK = 32
 """The largest rank written as broadcast multiply-adds (:func:`rank_expand`); above it the
 second product is a matrix product (its arithmetic intensity is then worth a kernel)."""
@@ -63,11 +65,13 @@ def _fused_lowrank(x: jax.Array, first: jax.Array, second: jax.Array, precision:
     return _fused_forward(x, first, second, precision)[0]
 
 
+@functools.partial(jax.jit, static_argnums=3)
 def _fused_forward(x, first, second, precision):
     t = lax.dot_general(x, first, (((1,), (0,)), ((), ())), precision=precision)
     return rank_expand(t, second).astype(x.dtype), (x, first, second, t)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _fused_backward(precision, residuals, g):
     x, first, second, t = residuals
     dt = lax.dot_general(g, second.astype(g.dtype), (((1,), (1,)), ((), ())),
@@ -90,10 +94,12 @@ def _expand_product(t: jax.Array, second: jax.Array, precision: Any) -> jax.Arra
     return rank_expand(t, second).astype(t.dtype)
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def _expand_product_forward(t, second, precision):
     return _expand_product(t, second, precision), (t, second)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _expand_product_backward(precision, residuals, g):
     t, second = residuals
     dt = lax.dot_general(g, second.astype(g.dtype), (((1,), (1,)), ((), ())),
@@ -144,6 +150,7 @@ def merged_product(x: jax.Array, w: jax.Array, first: jax.Array, second: jax.Arr
     return _merged_forward(x, w, first, second, precision)[0]
 
 
+@functools.partial(jax.jit, static_argnums=4)
 def _merged_forward(x, w, first, second, precision):
     if first.shape[1] <= EPILOGUE_MAX_RANK:
         delta = rank_expand(first, second)  # fused into the one pass over w
@@ -155,6 +162,7 @@ def _merged_forward(x, w, first, second, precision):
     return y, (x, merged, first, second)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _merged_backward(precision, residuals, g):
     x, merged, first, second = residuals
     dims = (((1,), (1,)), ((), ()))
