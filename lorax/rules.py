@@ -213,13 +213,11 @@ def dot_general_rule(invals, params):
         positions = {**dict(zip(cw, xc, strict=True)), **dict(zip(bw, xb, strict=True))}
         x = x * _dora_scale(node, x.ndim, positions, x.dtype)
     low = _lowrank_dot(v, x, list(xc), list(xb), list(wc), list(wb), side, params)
-    if matrix is None:
-        y = frozen_product(prims.dot_general_p, x, node.w, v.w_perm, params, side)
-    else:  # flattened like the low-rank term: dy·Wᵀ then contracts one axis, no copy of W
-        free, k, o = matrix
-        y = prims.dot_general_p.bind(x.reshape(-1, k), node.w.reshape(k, o), **{
-            **params, "dimension_numbers": (((1,), (0,)), ((), ()))})
-        y = y.reshape(*free, *node.out_shape)
+    # The frozen product keeps the program's own form: flattened like the low-rank term, it
+    # would save XLA's transposed copy of W for dy·Wᵀ on CPU, but under FSDP (sharded W, auto
+    # axes) the partitioner then all-gathers W and all-reduces W-sized results the frozen
+    # step does not (tests/test_distributed.py).
+    y = frozen_product(prims.dot_general_p, x, node.w, v.w_perm, params, side)
     y = y + low.astype(y.dtype)
     if dora_out:
         # y = (*batch, *x_free, *w_free) for rhs kernels, (*batch, *w_free, *x_free) for lhs.
