@@ -242,11 +242,28 @@ def _plan(args, model, params) -> Plan:
             raise UsageError(f"--ranks {rank} with --targets {targets}: {err}") from None
         configs += [(variant, rank, targets) for variant in args.variants]
     configs = [(b, None, None) for b in args.baselines] + configs
-    grids = {m: centre_out(lrs_for(args.lrs, m)) for m, _, _ in configs}
+    return run_order(configs, args.seeds, args.budgets, args.lrs)
+
+
+def run_order(configs: list[tuple[str, int | None, str | None]], seeds: list[int],
+              budgets: list[int], lrs: dict[str, tuple[float, ...]]) -> Plan:
+    """Every (method, rank, targets, seed, lr, steps) run in training order: seed by seed, the
+    longest budget first, each configuration's lr grid from its middle out (one lr of every
+    configuration per round).
+
+    Example:
+        >>> plan = run_order([("full", None, None), ("lora", 8, "q,v")], [0, 1], [10, 40],
+        ...                  {"*": (1e-3, 3e-3, 1e-2), "full": (1e-4, 3e-4)})
+        >>> [(m, lr) for m, _, _, _, lr, _ in plan[:5]]  # seed 0, 40 steps
+        [('full', 0.0001), ('lora', 0.003), ('full', 0.0003), ('lora', 0.001), ('lora', 0.01)]
+        >>> len(plan), [run[3:] for run in (plan[5], plan[10])]
+        (20, [(0, 0.0001, 10), (1, 0.0001, 40)])
+    """
+    grids = {m: centre_out(lrs_for(lrs, m)) for m, _, _ in configs}
     rounds = max(len(g) for g in grids.values())
-    return [(m, r, t, seed, grids[m][i], steps) for seed in args.seeds
-            for steps in args.budgets[::-1] for i in range(rounds) for m, r, t in configs
-            if i < len(grids[m])]
+    return [(m, r, t, seed, grids[m][i], steps) for seed in seeds
+            for steps in sorted(budgets, reverse=True) for i in range(rounds)
+            for m, r, t in configs if i < len(grids[m])]
 
 
 def centre_out(grid: tuple[float, ...]) -> list[float]:
