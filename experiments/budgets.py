@@ -123,8 +123,8 @@ def budget_table(rows: dict[int, list[stats.Row]], metric: str = "pearson",
         out = []
         for s in budgets:
             row = cells.get((s, run))
-            out.append(f"{row.test[metric]} (lr {row.lr:g}, {len(row.seeds)} seeds)" if row
-                       else "-")
+            seeds = f"{len(row.seeds)} seed{'s' if len(row.seeds) > 1 else ''}" if row else ""
+            out.append(f"{row.test[metric]} (lr {row.lr:g}, {seeds})" if row else "-")
         lines.append(f"| {run} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
