@@ -143,6 +143,58 @@ def plot_training_curves(rows: Sequence[Row], records: Sequence[dict], path: str
     plt.close(fig)
 
 
+def _budget_style(run: str) -> tuple[str | None, str]:
+    return BASELINE_STYLE.get(run, (None, "-"))
+
+
+def plot_metric_vs_budget(rows: dict[int, Sequence[Row]], path: str,
+                          metric: str = "pearson") -> None:
+    """Test ``metric`` against the step budget (log axis): one line per configuration, each
+    budget at its own lr picked on validation, bars spanning the interval over seeds."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    runs = list(dict.fromkeys(r.run for rs in rows.values() for r in rs))
+    for run in runs:
+        points = [(s, r) for s, rs in rows.items() for r in rs if r.run == run]
+        color, style = _budget_style(run)
+        ax.errorbar([s for s, _ in points], [r.test[metric].mean for _, r in points],
+                    yerr=_yerr([r.test[metric] for _, r in points]), fmt="o", linestyle=style,
+                    color=color, capsize=3, label=run)
+        for s, r in points:
+            ax.annotate(f"{r.lr:g}", (s, r.test[metric].mean), fontsize=6, xytext=(3, -9),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xticks(list(rows), [str(s) for s in rows])
+    ax.minorticks_off()
+    flat = [r for rs in rows.values() for r in rs]
+    _finish(fig, ax, path, "optimizer steps (batch 32; each budget its own schedule)",
+            f"test {metric}", f"MiniLM: test {metric} vs training budget, lr picked on val per "
+            f"budget (labels)\n({_seeds_note(flat)})")
+
+
+def plot_val_curves(rows: dict[int, Sequence[Row]], records: Sequence[dict], path: str) -> None:
+    """Validation Pearson along the longest budget's picked runs (mean over seeds, min–max
+    shaded), and each shorter budget's end-of-run value (its own schedule) as a marker."""
+    longest = max(rows)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for row in rows[longest]:
+        mine = [r for r in records if r["run"] == row.run and r.get("steps") == longest]
+        curves = [[p for p in r["val_curve"] if len(p) > 2] for r in mine]
+        if not mine or not all(curves) or len({len(c) for c in curves}) != 1:
+            continue
+        steps = [p[0] for p in curves[0]]
+        values = np.array([[p[2] for p in c] for c in curves])
+        color, style = _budget_style(row.run)
+        (line,) = ax.plot(steps, values.mean(0), color=color, linestyle=style,
+                          label=f"{row.run} ({longest} steps, lr {row.lr:g})")
+        ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.12)
+        ends = [(s, r) for s, rs in rows.items() if s != longest for r in rs if r.run == row.run]
+        ax.plot([s for s, _ in ends], [r.val["pearson"].mean for _, r in ends], "s",
+                color=line.get_color(), markersize=5)
+    _finish(fig, ax, path, "step", "validation pearson",
+            f"validation Pearson along the {longest}-step runs (mean, min–max shaded)\n"
+            "squares: each shorter budget's own runs at their end")
+
+
 def plot_all(rows: Sequence[Row], records: Sequence[dict], out: str) -> list[str]:
     """Writes the three sweep plots into ``out`` and returns their paths.
 

@@ -18,12 +18,21 @@ one. Each configuration's learning rate is the one with the best mean validation
 seeds (:func:`experiments.stats.select_lrs`); test metrics are reported for that one only, as
 the mean and a 95% confidence interval (min–max below 5 seeds).
 
-Writes to ``--out``: ``results.jsonl`` (one object per (configuration, seed, lr) run),
-``results.md`` (the tables, also printed), ``metric_vs_rank.png``, ``metric_vs_params.png``,
-``training_curves.png``, ``config.json`` and ``adapters/<run>/seed<S>-lr<LR>/`` (each run's
-trainable parameters and their metadata, ``lorax.save``). Rerunning with the same ``--out``
-skips finished (configuration, seed, lr) runs, also when seeds or learning rates are added;
-Ctrl-C loses at most the run in progress.
+Budgets: ``--steps 100 300 751`` trains every (configuration, seed, lr) once per budget, each
+its own run with its own warmup + cosine schedule (validation is evaluated along the way, for
+the curves); each configuration's learning rate is picked on validation per budget, from
+end-of-run metrics only (:mod:`experiments.budgets`). ``--preset budget`` asks whether LoRA
+catches up with full fine-tuning given more training (up to 4 epochs).
+
+Writes to ``--out``: ``results.jsonl`` (one object per (configuration, seed, lr, budget) run),
+``results.md`` (the tables, also printed; with several budgets first the budget table, the
+paired full-vs-adapter gap per budget and the wall time per budget), ``metric_vs_rank.png``,
+``metric_vs_params.png``, ``training_curves.png`` (the longest budget), with several budgets
+``metric_vs_budget.png`` and ``val_curves.png``, ``config.json`` and
+``adapters/<run>/seed<S>-lr<LR>-steps<N>/`` (each run's trainable parameters and their
+metadata, ``lorax.save``). Rerunning with the same ``--out`` skips finished (configuration,
+seed, lr, budget) runs, also when seeds, learning rates or budgets are added; Ctrl-C loses at
+most the run in progress.
 """
 
 from __future__ import annotations
@@ -43,19 +52,29 @@ BASELINES = ("head", "full")
 VARIANTS = ("lora", "dora", "pissa")  # the adapter methods of experiments.train.build_tree
 ANY = "*"  # the learning-rate grid of methods without their own
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": {"ranks": DEFAULT_RANKS, "targets": DEFAULT_TARGETS, "steps": 100,
+    "default": {"ranks": DEFAULT_RANKS, "targets": DEFAULT_TARGETS, "steps": (100,),
                 "eval_every": 25, "seeds": (0,), "lrs": {ANY: (1e-3,)}},
-    "quick": {"ranks": (4,), "targets": ("q,v", "all-linear"), "steps": 20, "eval_every": 10,
+    "quick": {"ranks": (4,), "targets": ("q,v", "all-linear"), "steps": (20,), "eval_every": 10,
               "seeds": (0,), "lrs": {ANY: (1e-3,)}},
     # The protocol behind README's tables (sized to finish in about an hour on a shared 2-core
     # machine): q,v at r=8 and r=64 (the rank claim, the subspace analysis) and all-linear at
     # r=1 (more matrix types at fewer parameters), both baselines; 3 seeds; 3-4 learning rates
     # per method, the grid reaching past each method's picked one (57 runs).
     "paper": {"cells": (("q,v", 8), ("q,v", 64), ("all-linear", 1)),
-              "ranks": (1, 8, 64), "targets": ("q,v", "all-linear"), "steps": 100,
+              "ranks": (1, 8, 64), "targets": ("q,v", "all-linear"), "steps": (100,),
               "eval_every": 50, "seeds": (0, 1, 2),
               "lrs": {ANY: (3e-4, 1e-3, 3e-3, 1e-2), "full": (3e-5, 1e-4, 3e-4, 1e-3),
                       "head": (3e-3, 1e-2, 3e-2)}},
+    # Does LoRA catch up with full fine-tuning given more training (README)? The paper preset's
+    # cells minus r=64, both baselines; 3 seeds; budgets from the paper preset's 100 steps up to
+    # 4 epochs of the 6,006 training entries at batch 32 (751 steps); 4 lrs per method: the
+    # paper preset's picks (3e-3, 3e-4, 1e-2), a neighbour above and two below (longer
+    # schedules moved full's and all-linear's picks down a step at 751 steps), 144 runs.
+    "budget": {"cells": (("q,v", 8), ("all-linear", 1)), "ranks": (1, 8),
+               "targets": ("q,v", "all-linear"), "steps": (100, 300, 751), "eval_every": 50,
+               "seeds": (0, 1, 2),
+               "lrs": {ANY: (3e-4, 1e-3, 3e-3, 1e-2), "full": (3e-5, 1e-4, 3e-4, 1e-3),
+                       "head": (3e-3, 1e-2, 3e-2, 1e-1)}},
 }
 
 
@@ -75,14 +94,15 @@ def run_name(method: str, rank: int | None, targets: str | None) -> str:
     return f"{method}-r{rank}-{targets.replace(',', '+')}"
 
 
-def run_key(name: str, seed: int, lr: float) -> str:
-    """One run's key: configuration, seed and learning rate (also its adapter subdirectory).
+def run_key(name: str, seed: int, lr: float, steps: int) -> str:
+    """One run's key: configuration, seed, learning rate and step budget (also its adapter
+    subdirectory).
 
     Example:
-        >>> run_key("lora-r8-q+v", 1, 0.001)
-        'lora-r8-q+v/seed1-lr0.001'
+        >>> run_key("lora-r8-q+v", 1, 0.001, 100)
+        'lora-r8-q+v/seed1-lr0.001-steps100'
     """
-    return f"{name}/seed{seed}-lr{lr:g}"
+    return f"{name}/seed{seed}-lr{lr:g}-steps{steps}"
 
 
 def parse_lrs(tokens: list[str]) -> dict[str, tuple[float, ...]]:
@@ -124,7 +144,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated adapter methods from lora,dora,pissa; each gets "
                         "every rank x targets cell (default lora)")
     parser.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES))
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 100)")
+    parser.add_argument("--steps", type=int, nargs="+", metavar="STEPS",
+                        help="optimizer-step budgets (default 100): each budget is its own run "
+                        "with its own warmup + cosine schedule and its own lr picked on val")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seeds", type=int, nargs="+",
                         help="seeds per configuration (init, head and batch order; default 0)")
@@ -150,8 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       for r in (args.ranks or preset["ranks"])]
     else:
         args.cells = list(preset["cells"])
-    args.steps = args.steps or preset["steps"]
-    args.eval_every = min(preset["eval_every"], args.steps)
+    args.budgets = sorted(set(args.steps or preset["steps"]))
+    args.eval_every = preset["eval_every"]
     args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else preset["seeds"]))
     try:
         args.lrs = {**preset["lrs"], **parse_lrs(args.lrs or [])}
@@ -164,7 +186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad or not args.variants or len(set(args.variants)) != len(args.variants):
         parser.error(f"--variants takes distinct names from {','.join(VARIANTS)}, got "
                      f"{','.join(args.variants) or 'nothing'}")
-    if args.steps < 1 or args.batch_size < 1 or args.alpha <= 0:
+    if min(args.budgets) < 1 or args.batch_size < 1 or args.alpha <= 0:
         parser.error("--steps, --batch-size and --alpha must be positive")
     return args
 
@@ -192,12 +214,16 @@ def _load_task(args):
     return dataset, splits, train.SentimentRegressor(model.config), params, task
 
 
-Plan = list[tuple[str, int | None, str | None, int, float]]
+Plan = list[tuple[str, int | None, str | None, int, float, int]]
 
 
 def _plan(args, model, params) -> Plan:
-    """Every (method, rank, targets, seed, lr) run, each configuration validated (abstractly)
-    before any training starts; configuration-major, so a cut-short run has whole ones."""
+    """Every (method, rank, targets, seed, lr, steps) run, each configuration validated
+    (abstractly) before any training starts. Seed-major, then the longest budget first, then
+    each configuration's lr grid from its middle outwards (:func:`centre_out`), one lr of every
+    configuration per round: a sweep cut short has compared every configuration at its
+    expected lr at the longest budget before it spends time on grid neighbours, shorter
+    budgets or more seeds."""
     import jax
 
     import lorax
@@ -217,8 +243,40 @@ def _plan(args, model, params) -> Plan:
             raise UsageError(f"--ranks {rank} with --targets {targets}: {err}") from None
         configs += [(variant, rank, targets) for variant in args.variants]
     configs = [(b, None, None) for b in args.baselines] + configs
-    return [(m, r, t, seed, lr) for m, r, t in configs for lr in lrs_for(args.lrs, m)
-            for seed in args.seeds]
+    return run_order(configs, args.seeds, args.budgets, args.lrs)
+
+
+def run_order(configs: list[tuple[str, int | None, str | None]], seeds: list[int],
+              budgets: list[int], lrs: dict[str, tuple[float, ...]]) -> Plan:
+    """Every (method, rank, targets, seed, lr, steps) run in training order: seed by seed, the
+    longest budget first, each configuration's lr grid from its middle out (one lr of every
+    configuration per round).
+
+    Example:
+        >>> plan = run_order([("full", None, None), ("lora", 8, "q,v")], [0, 1], [10, 40],
+        ...                  {"*": (1e-3, 3e-3, 1e-2), "full": (1e-4, 3e-4)})
+        >>> [(m, lr) for m, _, _, _, lr, _ in plan[:5]]  # seed 0, 40 steps
+        [('full', 0.0001), ('lora', 0.003), ('full', 0.0003), ('lora', 0.001), ('lora', 0.01)]
+        >>> len(plan), [run[3:] for run in (plan[5], plan[10])]
+        (20, [(0, 0.0001, 10), (1, 0.0001, 40)])
+    """
+    grids = {m: centre_out(lrs_for(lrs, m)) for m, _, _ in configs}
+    rounds = max(len(g) for g in grids.values())
+    return [(m, r, t, seed, grids[m][i], steps) for seed in seeds
+            for steps in sorted(budgets, reverse=True) for i in range(rounds)
+            for m, r, t in configs if i < len(grids[m])]
+
+
+def centre_out(grid: tuple[float, ...]) -> list[float]:
+    """A learning-rate grid in the order the sweep trains it: its middle (the expected pick)
+    first, then outwards, lower side first.
+
+    Example:
+        >>> centre_out((1e-3, 3e-3, 1e-2)), centre_out((1e-4, 3e-4, 1e-3, 3e-3))
+        ([0.003, 0.001, 0.01], [0.0003, 0.001, 0.0001, 0.003])
+    """
+    middle = (len(grid) - 1) / 2
+    return [grid[i] for i in sorted(range(len(grid)), key=lambda i: (abs(i - middle), i))]
 
 
 def with_head(model, params: Any, seed: int) -> dict[str, Any]:
@@ -245,38 +303,57 @@ def _read_records(out: str) -> list[dict]:
     return records
 
 
-def chosen_runs(out: str, method: str, rank: int | None, targets: str | None
-                ) -> list[tuple[int, float]]:
-    """``[(seed, lr), ...]`` of a configuration at its learning rate picked on validation."""
+def _run_records(out: str, name: str, steps: int | None, hint: str) -> tuple[list[dict], int]:
+    """The finished records of configuration ``name`` at budget ``steps`` (default: its
+    largest) and that budget."""
+    from experiments import budgets
+
+    records = [r for r in _read_records(out) if r["run"] == name]
+    if steps is None and records:
+        steps = max(budgets.steps_of(r) for r in records)
+    records = [r for r in records if budgets.steps_of(r) == steps]
+    if not records:
+        raise UsageError(f"no finished run {name!r} in {out}; run experiments.sweep first "
+                         f"(with {hint})")
+    return records, steps
+
+
+def chosen_runs(out: str, method: str, rank: int | None, targets: str | None,
+                steps: int | None = None) -> list[tuple[int, float]]:
+    """``[(seed, lr), ...]`` of a configuration at its learning rate picked on validation for
+    budget ``steps`` (default: the configuration's largest finished budget)."""
     from experiments import stats
 
     name = run_name(method, rank, targets)
-    records = [r for r in _read_records(out) if r["run"] == name]
-    if not records:
-        raise UsageError(f"no finished run {name!r} in {out}; run experiments.sweep first "
-                         f"(with --ranks {rank} --targets {targets})")
+    records, _ = _run_records(out, name, steps, f"--ranks {rank} --targets {targets}")
     return sorted((r["seed"], float(r["lr"])) for r in stats.chosen_records(records))
 
 
 def load_run(out: str, method: str, rank: int | None, targets: str | None,
-             seed: int | None = None, lr: float | None = None) -> Any:
+             seed: int | None = None, lr: float | None = None, steps: int | None = None) -> Any:
     """A finished run's trained tree, restored with ``lorax.restore`` onto the base model
     (the wrap settings come from the checkpoint's metadata; PiSSA's residual base is rebuilt).
 
     Without ``seed``/``lr``: the first seed at the configuration's learning rate picked on
-    validation (:func:`chosen_runs`).
+    validation (:func:`chosen_runs`); without ``steps``: the largest finished budget.
     """
     import lorax
     from experiments import hf_bert, train
 
     name = run_name(method, rank, targets)
+    hint = f"--ranks {rank} --targets {targets}"
+    _, steps = _run_records(out, name, steps, hint)
     if seed is None or lr is None:
-        seed, lr = chosen_runs(out, method, rank, targets)[0]
-    directory = os.path.abspath(os.path.join(out, "adapters", run_key(name, seed, lr)))
+        seed, lr = chosen_runs(out, method, rank, targets, steps)[0]
+    key = run_key(name, seed, lr, steps)
+    directory = os.path.abspath(os.path.join(out, "adapters", key))
+    legacy = os.path.abspath(os.path.join(out, "adapters", name, f"seed{seed}-lr{lr:g}"))
+    if not os.path.isdir(directory) and os.path.isdir(legacy):  # written before --steps budgets
+        directory = legacy
     config_path = os.path.join(out, "config.json")
     if not os.path.isdir(directory) or not os.path.exists(config_path):
-        raise UsageError(f"no finished run {run_key(name, seed, lr)!r} in {out}; run "
-                         f"experiments.sweep first (with --ranks {rank} --targets {targets})")
+        raise UsageError(f"no finished run {key!r} in {out}; run experiments.sweep first "
+                         f"(with {hint})")
     with open(config_path) as f:
         config = json.load(f)
     model, params, _ = hf_bert.load_pretrained(max_length=config["max_length"])
@@ -289,17 +366,21 @@ def load_run(out: str, method: str, rank: int | None, targets: str | None,
 
 
 def _config(args) -> dict[str, Any]:
-    # Settings every run of one --out must share; seeds, lrs and the grid may grow on resume.
-    keys = ("steps", "batch_size", "alpha", "rslora", "split_seed", "max_length", "data",
+    # Settings every run of one --out must share; seeds, lrs, budgets and the grid may grow
+    # on resume.
+    keys = ("batch_size", "alpha", "rslora", "split_seed", "max_length", "data",
             "text_col", "label_col")
     return {k: getattr(args, k) for k in keys}
 
 
 def _finished(out: str, config: dict[str, Any]) -> dict[str, dict]:
+    from experiments import budgets
+
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
+        saved.pop("steps", None)  # a sweep's one budget before --steps took several
         if saved != config:
             changed = sorted(k for k in set(config) | set(saved) if saved.get(k) != config.get(k))
             raise UsageError(
@@ -311,7 +392,8 @@ def _finished(out: str, config: dict[str, Any]) -> dict[str, dict]:
     with open(tmp, "w") as f:
         json.dump(config, f, indent=1)
     os.replace(tmp, path)
-    return {run_key(r["run"], r["seed"], float(r["lr"])): r for r in _read_records(out)}
+    return {run_key(r["run"], r["seed"], float(r["lr"]), budgets.steps_of(r)): r
+            for r in _read_records(out)}
 
 
 def _append(out: str, record: dict) -> None:
@@ -356,35 +438,35 @@ def _main(args) -> int:
     done = _finished(args.out, config)
     from tqdm.auto import tqdm
 
-    from experiments import plots, stats, train
+    from experiments import train
 
-    base = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, alpha=args.alpha,
-                             rslora=args.rslora, eval_every=args.eval_every)
-    keys = [run_key(run_name(m, r, t), s, lr) for m, r, t, s, lr in plan]
+    base = train.TrainConfig(batch_size=args.batch_size, alpha=args.alpha, rslora=args.rslora)
+    keys = [run_key(run_name(m, r, t), s, lr, n) for m, r, t, s, lr, n in plan]
     print(f"{dataset.name}: {len(dataset)} examples, split {[len(s) for s in splits]}, "
           f"{len(plan)} runs ({sum(k in done for k in keys)} already done) -> "
           f"{args.out}", file=sys.stderr)
     runs = tqdm(list(zip(plan, keys, strict=True)), desc="runs", disable=args.no_progress,
                 position=0)
     start = time.perf_counter()
-    for (method, rank, targets, seed, lr), key in runs:
+    for (method, rank, targets, seed, lr, steps), key in runs:
         runs.set_postfix_str(key)
         if key in done or args.report_only:
             continue
-        bar = tqdm(total=args.steps, desc=key, leave=False, disable=args.no_progress,
+        bar = tqdm(total=steps, desc=key, leave=False, disable=args.no_progress,
                    position=1)
 
         def progress(step, loss, bar=bar):
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
 
-        cfg = dataclasses.replace(base, lr=lr, seed=seed)
+        cfg = dataclasses.replace(base, lr=lr, seed=seed, steps=steps,
+                                  eval_every=min(args.eval_every, steps))
         record, tree = train.train_run(model, with_head(model, params, seed), task, method,
                                        rank, targets, cfg, progress)
         bar.close()
         save_adapters(os.path.join(args.out, "adapters", key), tree)
         record = {"run": run_name(method, rank, targets), "seed": seed, "lr": lr, **record,
-                  "data": dataset.name, "config": config}
+                  "train_size": len(splits[0]), "data": dataset.name, "config": config}
         _append(args.out, record)
         done[key] = record
         if args.no_progress:
@@ -393,13 +475,35 @@ def _main(args) -> int:
     records = [done[k] for k in keys if k in done]
     if not records:
         raise UsageError(f"no finished run of this grid in {args.out}")
-    rows = stats.aggregate(records)
-    text = stats.report(rows)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
-    plots.plot_all(rows, stats.chosen_records(records), args.out)
+    text = write_report(records, args.out)
     print(text)
     return 0
+
+
+def write_report(records: list[dict], out: str) -> str:
+    """Writes ``results.md`` and the plots for ``records`` into ``out``; returns the markdown.
+
+    One budget: the results table and the lr-selection table (as before budgets existed).
+    Several: the budget section (:func:`experiments.budgets.report`) first, then both tables
+    per budget; the rank/parameter plots and training curves show the longest budget, and
+    ``metric_vs_budget.png`` and ``val_curves.png`` are added.
+    """
+    from experiments import budgets, plots, stats
+
+    rows = budgets.aggregate(records)
+    picked = budgets.chosen_records(records)
+    longest = max(rows)
+    if len(rows) == 1:
+        text = stats.report(rows[longest])
+    else:
+        text = budgets.report(records) + "".join(
+            f"\n## {steps} steps\n\n{stats.report(rs)}" for steps, rs in rows.items())
+        plots.plot_metric_vs_budget(rows, os.path.join(out, "metric_vs_budget.png"))
+        plots.plot_val_curves(rows, picked, os.path.join(out, "val_curves.png"))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    plots.plot_all(rows[longest], [r for r in picked if budgets.steps_of(r) == longest], out)
+    return text
 
 
 if __name__ == "__main__":

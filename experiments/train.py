@@ -271,13 +271,16 @@ def train_run(
         curve.append([i, loss])
         if i % cfg.eval_every == 0 and i < cfg.steps:
             pred = predict(predict_fn, lorax.combine(trainable, frozen), task.val, task)
-            val_curve.append([i, data.mse(pred, task.val.labels)])
+            val_curve.append([i, data.mse(pred, task.val.labels),
+                              data.pearson(pred, task.val.labels)])
         if progress is not None:
             progress(i, loss)
     tree = lorax.combine(trainable, frozen)
     val_pred = predict(predict_fn, tree, task.val, task)
-    val_curve.append([cfg.steps, data.mse(val_pred, task.val.labels)])
+    val_curve.append([cfg.steps, data.mse(val_pred, task.val.labels),
+                      data.pearson(val_pred, task.val.labels)])
     record = {
+        "steps": cfg.steps,
         "method": method,
         "rank": rank,
         "targets": targets,
@@ -287,6 +290,6 @@ def train_run(
         "step_time_s": float(np.median(step_times)) if step_times else None,
         "wall_s": time.perf_counter() - start,
         "curve": curve,
-        "val_curve": val_curve,
+        "val_curve": val_curve,  # [step, val mse, val pearson] along the way and at the end
     }
     return record, tree

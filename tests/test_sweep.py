@@ -14,7 +14,7 @@ from experiments import analysis, sweep
 OUTPUTS = ("results.jsonl", "results.md", "metric_vs_rank.png", "metric_vs_params.png",
            "training_curves.png", "config.json")
 REQUIRED_KEYS = {"run", "method", "rank", "targets", "trainable_params", "test", "step_time_s",
-                 "wall_s", "seed", "lr"}
+                 "wall_s", "seed", "lr", "steps", "val_curve"}
 
 
 def _records(out):
@@ -39,8 +39,11 @@ def test_quick_writes_every_output(quick_run):
         assert REQUIRED_KEYS <= set(r)
         assert set(r["test"]) == {"pearson", "mse", "acc3"}
         assert all(np.isfinite(v) for v in r["test"].values())
-        assert (r["seed"], r["lr"]) == (0, 1e-3)
-        assert os.path.isdir(os.path.join(quick_run, "adapters", r["run"], "seed0-lr0.001"))
+        assert (r["seed"], r["lr"], r["steps"]) == (0, 1e-3, 20)
+        assert os.path.isdir(os.path.join(quick_run, "adapters", r["run"], "seed0-lr0.001-steps20"))
+        # Validation along the way (every 10 steps) ends with the end-of-run metrics.
+        assert [p[0] for p in r["val_curve"]] == [10, 20]
+        assert r["val_curve"][-1][1:] == [r["val"]["mse"], r["val"]["pearson"]]
     by_run = {r["run"]: r for r in records}
     # Independent parameter counts: MiniLM has 6 layers, d=384, FFN 1536; the head is 384 + 1.
     d, ffn, head = 384, 1536, 385
@@ -56,7 +59,7 @@ def test_quick_writes_every_output(quick_run):
 
 
 def test_adapters_hold_no_base_weights(quick_run):
-    directory = os.path.join(quick_run, "adapters", "lora-r4-q+v", "seed0-lr0.001")
+    directory = os.path.join(quick_run, "adapters", "lora-r4-q+v", "seed0-lr0.001-steps20")
     size = sum(os.path.getsize(os.path.join(root, f))
                for root, _, files in os.walk(directory)
                for f in files)
@@ -127,6 +130,40 @@ def test_analysis_on_quick_run(quick_run):
     for row in report["kernels"]:
         assert row["delta_norm"] > 0 and np.isfinite(row["amplification"])
     assert os.path.getsize(os.path.join(quick_run, "subspace_similarity.png")) > 0
+
+
+def test_budgets_resume_per_config_seed_lr_budget(quick_run, capsys):
+    # A second budget, and a second seed for full: only the missing (config, seed, lr, budget)
+    # runs train; each budget is its own run, with its own lr pick and a budget table.
+    argv = ["--quick", "--targets", "q,v", "--baselines", "full", "--seeds", "0", "1",
+            "--steps", "10", "20", "--out", quick_run, "--no-progress"]
+    before = {(r["run"], r["seed"], r["lr"], r["steps"]): r["wall_s"] for r in _records(quick_run)}
+    assert sweep.main(argv) == 0
+    err = capsys.readouterr()
+    planned = {(run, s, 1e-3, n) for run in ("full", "lora-r4-q+v") for s in (0, 1)
+               for n in (10, 20)}
+    done_before = planned & set(before)
+    assert f"8 runs ({len(done_before)} already done)" in err.err
+    after = {(r["run"], r["seed"], r["lr"], r["steps"]): r["wall_s"] for r in _records(quick_run)}
+    assert {k: after[k] for k in before} == before
+    assert planned <= set(after)
+    for r in _records(quick_run):
+        assert len(r["curve"]) == r["steps"]
+    assert "## Test pearson per training budget" in err.out
+    assert "| full | " in err.out and "[min, max]" in err.out and "## Paired gap" in err.out
+    assert os.path.getsize(os.path.join(quick_run, "metric_vs_budget.png")) > 0
+    # Dropping one finished (config, seed, lr, budget) run redoes exactly that one.
+    records = _records(quick_run)
+    with open(os.path.join(quick_run, "results.jsonl"), "w") as f:
+        for r in records:
+            if (r["run"], r["seed"], r["steps"]) != ("full", 1, 10):
+                f.write(json.dumps(r) + "\n")
+    assert sweep.main(argv) == 0
+    assert "8 runs (7 already done)" in capsys.readouterr().err
+    rerun = {(r["run"], r["seed"], r["lr"], r["steps"]): r["wall_s"] for r in _records(quick_run)}
+    assert set(rerun) == set(after)
+    assert {k: v for k, v in rerun.items() if k != ("full", 1, 1e-3, 10)} == {
+        k: v for k, v in after.items() if k != ("full", 1, 1e-3, 10)}
 
 
 def test_analysis_missing_run_exits_2(tmp_path, capsys):
