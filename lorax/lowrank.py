@@ -31,11 +31,28 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lorax import compat
+
 # The custom_vjp rules below are jitted (static precision): JAX then traces each once per
 # signature, not once per layer, and XLA inlines them where they are called.
 EPILOGUE_MAX_RANK = 32
 """The largest rank written as broadcast multiply-adds (:func:`rank_expand`); above it the
 second product is a matrix product (its arithmetic intensity is then worth a kernel)."""
+
+
+def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """``cotangent`` summed over the manual mesh axes it varies over and ``primal`` does not
+    (inside ``shard_map``: a replicated factor's gradient from device-varying activations),
+    in ``primal``'s dtype. Plain autodiff inserts the same ``psum`` (the transpose of the
+    implicit ``pvary``); a ``custom_vjp`` backward must do it itself."""
+    extra = _vma(cotangent) - _vma(primal)
+    if extra:
+        cotangent = lax.psum(cotangent, tuple(sorted(extra)))
+    return cotangent.astype(primal.dtype)
+
+
+def _vma(x: jax.Array) -> frozenset:
+    return compat.varying_axes(x)
 
 
 def rank_expand(t: jax.Array, second: jax.Array) -> jax.Array:
@@ -80,8 +97,8 @@ def _fused_backward(precision, residuals, g):
                               precision=precision)
     dfirst = lax.dot_general(x, dt.astype(x.dtype), (((0,), (0,)), ((), ())),
                              precision=precision)
-    dx = rank_expand(dt, first.T).astype(x.dtype)
-    return dx, dfirst.astype(first.dtype), dsecond.astype(second.dtype)
+    dx = rank_expand(dt, first.T)
+    return _like(dx, x), _like(dfirst, first), _like(dsecond, second)
 
 
 _fused_lowrank.defvjp(_fused_forward, _fused_backward)
@@ -106,7 +123,7 @@ def _expand_product_backward(precision, residuals, g):
                          precision=precision)
     dsecond = lax.dot_general(t.astype(g.dtype), g, (((0,), (0,)), ((), ())),
                               precision=precision)
-    return dt.astype(t.dtype), dsecond.astype(second.dtype)
+    return _like(dt, t), _like(dsecond, second)
 
 
 _expand_product.defvjp(_expand_product_forward, _expand_product_backward)
@@ -173,8 +190,7 @@ def _merged_backward(precision, residuals, g):
     dfirst = lax.dot_general(x, lax.dot_general(g, second.astype(g.dtype), dims,
                                                 precision=precision),
                              (((0,), (0,)), ((), ())), precision=precision)
-    return (dx.astype(x.dtype), None, dfirst.astype(first.dtype),
-            dsecond.astype(second.dtype))
+    return _like(dx, x), None, _like(dfirst, first), _like(dsecond, second)
 
 
 merged_product.defvjp(_merged_forward, _merged_backward)

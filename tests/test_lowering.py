@@ -134,14 +134,14 @@ def _bench_costs():
 
 
 def test_lora_step_bytes_near_the_frozen_floor():
-    # Measured 1.167 (jax 0.10.2, CPU); 1.613 before the flattened, fused lowering.
+    # Measured 1.180 (jax 0.10.2, CPU); 1.613 before the flattened, fused lowering.
     c = _bench_costs()
     assert c["lora"].bytes_accessed / c["frozen"].bytes_accessed <= 1.19, c
     assert c["lora"].flops / c["frozen"].flops <= 1.02, c
 
 
 def test_lora_step_beats_the_handwritten_step():
-    # Measured 0.724 of the hand-written step's bytes (whose own ratio to frozen is 1.61), at
+    # Measured 0.732 of the hand-written step's bytes (whose own ratio to frozen is 1.61), at
     # equal FLOPs (1.002).
     c = _bench_costs()
     assert c["lora"].bytes_accessed / c["handwritten"].bytes_accessed <= 0.76, c
