@@ -150,13 +150,14 @@ def _lowrank_dot(v: LoRAValue, x: jax.Array, x_contract, x_batch, w_contract, w_
     return transpose(low, tuple(labels.index(label) for label in wanted))
 
 
-def _as_matrix(v: LoRAValue, x: jax.Array, xc, xb, wc, wb, side, params
-               ) -> tuple[tuple[int, ...], int, int] | None:
-    """``(free shape, K, O)`` when ``dot_general(x, W)`` is a plain matrix product
-    ``x: (N, K) · W: (K, O)`` up to bitcasts, else ``None``.
+def _merged_dot(v: LoRAValue, x: jax.Array, xc, xb, wc, wb, side, params) -> jax.Array | None:
+    """``x·(W + s·A·B)`` (:func:`lorax.lowrank.merged_product`) where
+    :func:`lorax.lowrank.merge_pays` says it is cheaper than the factorized term, else ``None``.
 
-    That is: ``W`` on the right, float, in canonical order and seen as such, no stack or batch
-    axes, ``x``'s contracted axes trailing in ``W``'s input order, and no Explicit mesh axes.
+    Only for a plain matrix product ``x: (N, K) · W: (K, O)`` up to bitcasts: a float ``W`` on
+    the right in canonical order and seen as such, no stack or batch axes, ``x``'s contracted
+    axes trailing in ``W``'s input order, no Explicit mesh axes; and no DoRA, routing, dropout
+    or other accumulation type.
     """
     node = v.node
     n_in = node.n_in
@@ -164,22 +165,13 @@ def _as_matrix(v: LoRAValue, x: jax.Array, xc, xb, wc, wb, side, params
              and not is_quantized(node.w) and v.perm == tuple(range(v.ndim))
              and list(wc) == list(range(n_in))
              and list(xc) == list(range(x.ndim - n_in, x.ndim))
-             and _rank_sharding(x, xc, xb, 0) is None)
+             and _rank_sharding(x, xc, xb, 0) is None
+             and not v.routed and node.magnitude is None
+             and (v.key is None or node.dropout == 0.0)
+             and params.get("preferred_element_type") in (None, x.dtype))
     if not plain:
         return None
-    return x.shape[:x.ndim - n_in], math.prod(node.in_shape), math.prod(node.out_shape)
-
-
-def _merged_dot(v: LoRAValue, x: jax.Array, matrix, params) -> jax.Array | None:
-    """``x·(W + s·A·B)`` (:func:`lorax.lowrank.merged_product`) where
-    :func:`lorax.lowrank.merge_pays` says it is cheaper than the factorized term, else ``None``
-    (also with DoRA, routing, dropout or another accumulation type)."""
-    node = v.node
-    if (matrix is None or v.routed or node.magnitude is not None
-            or (v.key is not None and node.dropout != 0.0)
-            or params.get("preferred_element_type") not in (None, x.dtype)):
-        return None
-    free, k, o = matrix
+    free, k, o = x.shape[:x.ndim - n_in], math.prod(node.in_shape), math.prod(node.out_shape)
     if not merge_pays(math.prod(free), k, o):
         return None
     second = node.b.reshape(node.rank, o) * jnp.asarray(node.scale, node.b.dtype)
@@ -198,8 +190,7 @@ def dot_general_rule(invals, params):
     xc, xb, wc, wb = (lc, lb, rc, rb) if side == 1 else (rc, rb, lc, lb)
     if v.routed:
         routing.check_routed(v, x, xc, xb, wc, wb, side)
-    matrix = _as_matrix(v, x, xc, xb, wc, wb, side, params)
-    merged = _merged_dot(v, x, matrix, params)
+    merged = _merged_dot(v, x, xc, xb, wc, wb, side, params)
     if merged is not None:
         return merged
     node = v.node
