@@ -327,6 +327,11 @@ PARAM_LAYOUTS: dict[str, tuple[Layout, ...]] = {
                                    "operand_batching_dims"),
          "slice_sizes": None},
         ("indices_are_sorted", "unique_indices", "mode", "fill_value")),),
+    "ragged_dot_general": (Layout(
+        {"ragged_dot_dimension_numbers": _has("dot_dimension_numbers", "lhs_ragged_dimensions",
+                                              "rhs_group_dimensions"),
+         "precision": None, "preferred_element_type": None},
+        ("group_offset", "out_sharding")),),  # out_sharding: from jax 0.8.2
     "transpose": (Layout({"permutation": None}),),
     "convert_element_type": (Layout({"new_dtype": None}, ("weak_type", "sharding")),),
     "reshape": (Layout({"new_sizes": None, "dimensions": None}, ("sharding",)),),
@@ -350,6 +355,8 @@ PARAM_LAYOUTS: dict[str, tuple[Layout, ...]] = {
              Layout({**_SCAN_COMMON, "ft_in": _flat_tree(3), "ft_out": _flat_tree(2)},
                     versions=((0, 11, 0), None))),
     "cond": (Layout({"branches": _jaxprs}),),
+    "custom_jvp_call": (Layout({"call_jaxpr": _closed}, open_ended=True),),
+    "custom_vjp_call": (Layout({"call_jaxpr": _closed}, open_ended=True),),
     "while": (Layout({"cond_jaxpr": _closed, "body_jaxpr": _closed, "cond_nconsts": _int,
                       "body_nconsts": _int}),),
 }

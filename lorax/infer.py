@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,17 +22,12 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Jaxpr, Literal
 
-from lorax import compat
-from lorax.compat import ClosedJaxpr
+from lorax.axis_views import Axes, Use, fits, single_axes
 from lorax.layouts import default_layout
+from lorax.lora_value import LoRAFallbackWarning
 from lorax.node import is_array_like, is_node, unbox
 from lorax.paths import path_str
-
-# Primitives that keep every axis where it is.
-_SAME_AXES = frozenset({
-    "convert_element_type", "copy", "copy_p", "stop_gradient", "pvary", "reduce_precision",
-    "sharding_constraint", "optimization_barrier",
-})
+from lorax.primitive_table import lookup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,71 +35,59 @@ class _View:
     """A value derived from a tracked kernel: ``axes[d]`` are the kernel axes of axis ``d``."""
 
     kernel: int
-    axes: tuple[frozenset[int], ...]
+    axes: Axes
 
 
 @dataclasses.dataclass
 class _Uses:
-    """What the program does with one kernel (sets of the kernel's axes)."""
+    """What the program does with one kernel (axes numbered in the kernel's own order)."""
 
     ndim: int
     stack: set[int] = dataclasses.field(default_factory=set)
-    dots: list[tuple[frozenset[int], frozenset[int]]] = dataclasses.field(default_factory=list)
-    lookups: list[frozenset[int]] = dataclasses.field(default_factory=list)
-    convs: list[frozenset[int]] = dataclasses.field(default_factory=list)
-
-    def used(self) -> bool:
-        return bool(self.dots or self.lookups or self.convs)
+    uses: list[Use] = dataclasses.field(default_factory=list)
+    # Primitives where lorax.lora would materialize the kernel; `hidden`: inside a
+    # custom-derivative function's body (a use this walk cannot see, always reported).
+    fallbacks: set[str] = dataclasses.field(default_factory=set)
+    hidden: bool = False
 
     def fits(self, layout: str) -> bool:
         """Whether a kernel with ``layout`` serves every use factorized."""
-        roles = {c: {j for j, r in enumerate(layout) if r == c} for c in "sio"}
-        if len(layout) != self.ndim or not self.stack <= roles["s"]:
-            return False
-        return (all(batch <= roles["s"] and set(contracted) in (roles["i"], roles["o"])
-                    for contracted, batch in self.dots)
-                and all(set(u) == roles["i"] for u in [*self.lookups, *self.convs]))
+        stack = {j for j, r in enumerate(layout) if r == "s"}
+        return (len(layout) == self.ndim and self.stack <= stack
+                and all(fits(layout, use) for use in self.uses))
 
     def layout(self, preferred: str | None = None) -> tuple[str | None, str]:
         """The layout string these uses imply, or ``(None, why)`` when none fits them all.
 
-        ``preferred`` (the name-based default) wins when it fits and the first matmul
-        contracts its inputs: a free axis of a matmul may be an output or a stack axis
-        (Gemma's k/v selector), which only the name tells.
+        ``preferred`` (the name-based default) wins when it fits and the first use is a lookup
+        or convolution, or a matmul contracting its inputs: a free axis of a matmul may be an
+        output or a stack axis (Gemma's k/v selector), which only the name tells.
         """
-        if preferred is not None and self.used() and self.fits(preferred) and (
-                self.lookups or self.convs
-                or set(self.dots[0][0]) == {j for j, r in enumerate(preferred) if r == "i"}):
-            return preferred, ""
-        stack = set(self.stack)
-        for _, batch in self.dots:
-            stack |= batch
-        if self.lookups:  # the indexed axis of an embedding table is its input
-            ins = set(self.lookups[0]) - stack
-        elif self.convs:
-            ins = set(self.convs[0])
-        elif self.dots:
-            ins = set(self.dots[0][0])
-        else:
+        if not self.uses:
             return None, "it is not consumed by a matmul, convolution or lookup"
+        inputs = [use for use in self.uses if use.kind == "input"]
+        if preferred is not None and self.fits(preferred) and (inputs or set(
+                self.uses[0].contracted) == {j for j, r in enumerate(preferred) if r == "i"}):
+            return preferred, ""
+        stack = set(self.stack).union(*(use.batch for use in self.uses))
+        first = inputs[0] if inputs else self.uses[0]
+        ins = set(first.contracted) - stack if inputs else set(first.contracted)
         outs = set(range(self.ndim)) - stack - ins
         if not ins or not outs or ins & stack:
             return None, f"its uses leave no input/output split (stack axes {sorted(stack)})"
-        for contracted, _ in self.dots:
-            if set(contracted) not in (ins, outs):
-                return None, (f"one matmul contracts its axes {sorted(contracted)}, another "
+        layout = "".join("s" if j in stack else "i" if j in ins else "o"
+                         for j in range(self.ndim))
+        for use in self.uses:
+            if not fits(layout, use):
+                return None, (f"one use contracts its axes {sorted(use.contracted)}, another "
                               f"{sorted(ins)}")
-        for indexed in self.lookups:
-            if set(indexed) != ins:
-                return None, "it is indexed along different axes"
-        for conv_in in self.convs:
-            if set(conv_in) != ins:
-                return None, "convolutions use it with different feature axes"
-        return "".join("s" if j in stack else "i" if j in ins else "o"
-                       for j in range(self.ndim)), ""
+        return layout, ""
 
 
-class _Walker:
+class Walker:
+    """Follows the tracked kernels through a jaxpr, by :mod:`lorax.primitive_table` (internal;
+    :mod:`lorax.higher_order` calls back into it)."""
+
     def __init__(self, uses: dict[int, _Uses]):
         self.uses = uses
 
@@ -123,111 +107,46 @@ class _Walker:
         return [None if isinstance(v, Literal) else env.get(v) for v in jaxpr.outvars]
 
     def equation(self, eqn, views: list[_View | None]) -> list[_View | None]:
-        name, params = eqn.primitive.name, eqn.params
+        entry = lookup(eqn.primitive)
         none = [None] * len(eqn.outvars)
-        v = views[0]
-        if name in _SAME_AXES:
-            return list(views[: len(eqn.outvars)])
-        if name == "transpose":
-            return [_View(v.kernel, tuple(v.axes[p] for p in params["permutation"]))]
-        if name == "reshape" and params.get("dimensions") is None:
-            return [_reshaped(v, eqn.invars[0].aval.shape, params["new_sizes"])]
-        if name in ("slice", "dynamic_slice") and v is not None:
-            shape = eqn.invars[0].aval.shape
-            sizes = eqn.outvars[0].aval.shape
-            for d, (n, m) in enumerate(zip(shape, sizes, strict=True)):
-                if n != m:
-                    self.uses[v.kernel].stack |= v.axes[d]
-            return [v]
-        if name == "squeeze":
-            dims = set(params["dimensions"])
-            for d in dims:
-                self.uses[v.kernel].stack |= v.axes[d]
-            return [_View(v.kernel, tuple(a for d, a in enumerate(v.axes) if d not in dims))]
-        if name == "dot_general":
-            self.dot(views, params)
+        name = eqn.primitive.name
+        if entry is None:
+            for v in views:
+                self.materialized(v, name)
             return none
-        if name == "conv_general_dilated":
-            rhs = views[1]
-            if rhs is not None and views[0] is None and params["feature_group_count"] == 1:
-                out_feature = params["dimension_numbers"].rhs_spec[0]
-                self.uses[rhs.kernel].convs.append(frozenset().union(
-                    *(a for d, a in enumerate(rhs.axes) if d != out_feature)))
-            return none
-        if name == "gather" and v is not None and views[1] is None:
-            indexed = params["dimension_numbers"].start_index_map
-            self.uses[v.kernel].lookups.append(frozenset().union(*(v.axes[d] for d in indexed)))
-            return none
-        return self.higher_order(eqn, views) or none
-
-    def dot(self, views, params) -> None:
-        (lc, rc), (lb, rb) = params["dimension_numbers"]
-        for side, (contract, batch) in enumerate(((lc, lb), (rc, rb))):
-            v = views[side]
-            if v is None or views[1 - side] is not None:
-                continue
-            self.uses[v.kernel].dots.append((
-                frozenset().union(*(v.axes[d] for d in contract)),
-                frozenset().union(*(v.axes[d] for d in batch)),
-            ))
-
-    def higher_order(self, eqn, views) -> list[_View | None] | None:
-        name, params = eqn.primitive.name, eqn.params
-        if name == "scan":
-            n_consts, n_carry = compat.scan_counts(params)
-            inner = list(views)
-            for k in range(n_consts, n_consts + n_carry):
-                inner[k] = None
-            for k in range(n_consts + n_carry, len(views)):
-                v = views[k]
-                if v is not None:  # scan slices the leading axis: a stack of layers
-                    self.uses[v.kernel].stack |= v.axes[0]
-                    inner[k] = _View(v.kernel, v.axes[1:])
-            self.run(params["jaxpr"].jaxpr, inner)
-            return None
-        if name == "cond":
-            for branch in params["branches"]:
-                self.run(branch.jaxpr, views[1:])
-            return None
-        if name == "while":
-            n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
-            n_carry = len(views) - n_cond - n_body
-            self.run(params["body_jaxpr"].jaxpr,
-                     [*views[n_cond : n_cond + n_body], *[None] * n_carry])
-            return None
-        for value in params.values():  # jit, remat, custom_jvp/vjp calls, closed_call, ...
-            inner = value.jaxpr if isinstance(value, ClosedJaxpr) else value
-            if isinstance(inner, Jaxpr) and len(inner.invars) == len(views):
-                return self.run(inner, views)
-        return None
-
-
-def _reshaped(v: _View, old: tuple[int, ...], new: tuple[int, ...]) -> _View | None:
-    """Follows a reshape that merges or splits runs of consecutive axes."""
-    axes, i, j = [], 0, 0
-    while i < len(old) or j < len(new):
-        if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
-            axes.append(frozenset())
-            j += 1
-            continue
-        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
-            i += 1
-            continue
-        group_old, group_new = [i], [j]
-        size_old, size_new = old[i], new[j]
-        while size_old != size_new:
-            if size_old < size_new:
-                i += 1
-                group_old.append(i)
-                size_old *= old[i]
+        if entry.infer is not None:
+            return entry.infer(self, eqn, views) or none
+        if entry.is_consumer:
+            use = entry.use([None if v is None else v.axes for v in views], eqn)
+            if use is None:
+                for v in views:
+                    self.materialized(v, name)
             else:
-                j += 1
-                group_new.append(j)
-                size_new *= new[j]
-        merged = frozenset().union(*(v.axes[k] for k in group_old))
-        axes.extend(merged for _ in group_new)
-        i, j = i + 1, j + 1
-    return _View(v.kernel, tuple(axes)) if len(axes) == len(new) else None
+                self.uses[views[use.operand].kernel].uses.append(use)
+            return none
+        outs = []  # a view: each operand's axes to its result's
+        for v in views[: len(eqn.outvars)]:
+            view = None if v is None else entry.axes(v.axes, eqn)
+            if view is not None and view.axes is None:
+                self.materialized(v, name)
+                view = None
+            outs.append(None if view is None else self.index(v, view.indexed, view.axes))
+        return outs
+
+    def index(self, v: _View, indexed: frozenset[int], axes: Axes) -> _View:
+        """Records the kernel axes a slice or scan indexes (stack axes); the view after it."""
+        self.uses[v.kernel].stack |= indexed
+        return _View(v.kernel, axes)
+
+    def materialized(self, v: _View | None, name: str) -> None:
+        """``v`` reaches a primitive lorax.lora materializes it at (``name``)."""
+        if v is not None:
+            self.uses[v.kernel].fallbacks.add(name)
+
+    def consumed_inside(self, v: _View, name: str) -> None:
+        """``v`` is consumed inside a custom-derivative function's body (``name``)."""
+        self.materialized(v, name)
+        self.uses[v.kernel].hidden = True
 
 
 def layouts_from_jaxpr(jaxpr: Jaxpr, kernels: Mapping[int, tuple[str, tuple[int, ...]]],
@@ -245,14 +164,22 @@ def layouts_from_jaxpr(jaxpr: Jaxpr, kernels: Mapping[int, tuple[str, tuple[int,
         its ``current`` layout if that fits, else the name-based default
         (:func:`lorax.layouts.default_layout`) if that fits, else what the uses say.
     """
+    return _layouts(walk(jaxpr, kernels), kernels, current or {})
+
+
+def _layouts(uses: dict[int, _Uses], kernels, current) -> dict[int, tuple[str | None, str]]:
+    return {pos: (current[pos], "") if pos in current and u.fits(current[pos])
+            else u.layout(default_layout(*kernels[pos])) for pos, u in uses.items() if u.uses}
+
+
+def walk(jaxpr: Jaxpr, kernels: Mapping[int, tuple[str, tuple[int, ...]]]) -> dict[int, _Uses]:
+    """Every use of the kernels fed to ``jaxpr``'s inputs ``{position: (path, shape)}``."""
     uses = {pos: _Uses(len(shape)) for pos, (_, shape) in kernels.items()}
     invals = [None] * len(jaxpr.invars)
     for pos, (_, shape) in kernels.items():
-        invals[pos] = _View(pos, tuple(frozenset({j}) for j in range(len(shape))))
-    _Walker(uses).run(jaxpr, invals)
-    current = current or {}
-    return {pos: (current[pos], "") if pos in current and u.fits(current[pos])
-            else u.layout(default_layout(*kernels[pos])) for pos, u in uses.items() if u.used()}
+        invals[pos] = _View(pos, single_axes(range(len(shape))))
+    Walker(uses).run(jaxpr, invals)
+    return uses
 
 
 def trace(fn: Callable[..., Any], args: tuple, kwargs: dict, is_leaf, proxy):
@@ -332,7 +259,15 @@ def infer_axes(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) -
         if leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating):
             paths[pos] = path_str(flat[i][0])
             kernels[pos] = (paths[pos], tuple(leaf.shape))
-    found = layouts_from_jaxpr(closed.jaxpr, kernels)
+    uses = walk(closed.jaxpr, kernels)
+    for pos, u in uses.items():
+        if u.fallbacks and (u.uses or u.hidden):
+            warnings.warn(
+                f"lorax.infer_axes: {', '.join(f'`{n}`' for n in sorted(u.fallbacks))} "
+                f"consumes the kernel at {paths[pos]!r} in a way that cannot be factorized; "
+                "lorax.lora materializes W + s*A@B there (full-size compute and memory)",
+                LoRAFallbackWarning, stacklevel=2)
+    found = _layouts(uses, kernels, {})
     problems = [f"{paths[pos]!r}: {why}" for pos, (layout, why) in found.items() if not layout]
     if problems:
         raise ValueError("infer_axes: no layout fits every use of " + "; ".join(problems))

@@ -4,8 +4,12 @@ The transform traces ``fn`` once with each LoRA node replaced by its frozen kern
 function sees ordinary arrays of the usual shapes), then evaluates the resulting jaxpr equation
 by equation. Values derived from a LoRA node stay symbolic (:class:`lorax.lora_value.LoRAValue`)
 through layout primitives and are consumed by the factorized rules in :mod:`lorax.rules`.
-Higher-order primitives (``jit``, ``remat``, ``scan``, ``cond``, ``while``) are re-issued with
-their bodies interpreted the same way; every other equation is bound unchanged. Equations and
+Every equation that touches a kernel is looked up in :mod:`lorax.primitive_table`, the table
+:func:`lorax.infer_axes` walks by too: views update the symbolic kernel, consumers compute it
+factorized, higher-order primitives (``jit``, ``remat``, ``scan``, ``cond``, ``while``,
+custom-derivative calls) are re-issued with their bodies interpreted the same way
+(:mod:`lorax.higher_order`); a primitive the table does not know gets the materialized kernel,
+with a :class:`LoRAFallbackWarning`. Every other equation is bound unchanged. Equations and
 consumer rules are bound through inline ``jit`` functions cached by their signature
 (:mod:`lorax.staging`), so JAX traces and differentiates a repeated layer once. Only public
 APIs are used: ``jax.make_jaxpr``, ``jax.jit`` and ``jax.extend.core``.
@@ -19,18 +23,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Literal
-from jax.extend.core import primitives as prims
 
 from lorax import compat, infer, routing, staging
 from lorax.layouts import canonical_layout
-from lorax.lora_value import LayoutError, LoRAValue
+from lorax.lora_value import LayoutError, LoRAValue, concrete
 from lorax.node import LoRA, is_adapted, is_node, unbox
+from lorax.primitive_table import lookup
 from lorax.quantized import is_quantized
-from lorax.rules import NAMED_RULES, RULES
-from lorax.view_rules import without_stack_axes
 
 
 def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -112,7 +113,7 @@ def _call(fn, args, kwargs, lora_key, adapter_ids=None):
         outs = eval_jaxpr(closed.jaxpr, closed.consts, invals)
     except LayoutError as err:
         raise _layout_mismatch(err, closed.jaxpr, invals) from None
-    outs = _concrete(outs, "the function's output")
+    outs = concrete(outs, "the function's output")
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
 
@@ -166,10 +167,6 @@ def _enter(node: LoRA, lora_key, position: int, routed: bool = False) -> LoRAVal
     return LoRAValue(frozen, key, node.canonical_axes, routed)
 
 
-def _concrete(values: Sequence[Any], where: str) -> list[Any]:
-    return [v.materialize(where) if isinstance(v, LoRAValue) else v for v in values]
-
-
 def _bind(eqn, invals):
     return staging.bind(eqn, invals)
 
@@ -201,131 +198,16 @@ def eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
 
 def _lora_eqn(eqn, invals):
     compat.check_params(eqn.primitive, eqn.params)  # unknown layouts fail loudly
-    higher = _HIGHER_ORDER.get(eqn.primitive) or _HIGHER_ORDER_BY_NAME.get(eqn.primitive.name)
-    if higher is not None:
-        return higher(eqn.params, invals)
-    rule = RULES.get(eqn.primitive)
-    if rule is None and eqn.primitive.name in NAMED_RULES:
-        rule = NAMED_RULES[eqn.primitive.name](eqn.primitive)
-    if rule is not None:
-        if eqn.primitive in _CONSUMERS:  # returns arrays: staged with JAX's caches
-            out = staging.apply_rule(rule, eqn, invals)
-        else:
-            out = rule(invals, eqn.params)
-        if out is not None:
-            return out
-    return _bind(eqn, _concrete(invals, eqn.primitive.name))
-
-
-# Primitives whose rules return arrays (the layout rules return LoRA values).
-_CONSUMERS = frozenset({prims.dot_general_p, prims.conv_general_dilated_p, prims.gather_p})
-
-
-def _inline(body):
-    def run(params, invals):
-        closed = body(params)
-        return eval_jaxpr(closed.jaxpr, closed.consts, invals)
-
-    return run
-
-
-def _remat(params, invals):
-    jaxpr = params["jaxpr"]
-
-    def body(*values):
-        return _concrete(eval_jaxpr(jaxpr, (), values), "remat output")
-
-    checkpointed = jax.checkpoint(body, prevent_cse=params["prevent_cse"], policy=params["policy"])
-    return checkpointed(*invals)
-
-
-def _scan(params, invals):
-    closed = params["jaxpr"]
-    n_consts, n_carry = compat.scan_counts(params)
-    length = params["length"]
-    consts = invals[:n_consts]
-    init = _concrete(invals[n_consts : n_consts + n_carry], "scan carry")
-    xs, templates = [], []
-    for x in invals[n_consts + n_carry :]:
-        if not isinstance(x, LoRAValue):
-            xs.append(x)
-            templates.append(None)
-            continue
-        c = x.perm[0]  # the canonical axis that scan slices: must be a stack axis
-        if c >= x.node.n_stack or x.routed and (c, x.node.canonical_order[0]) != (0, 0):
-            raise LayoutError(x, "scan", "`scan` slices its axis "
-                              f"{x.node.canonical_order[c]}, which is not a stack axis")
-        keys = None if x.key is None else jax.random.split(x.key, length)
-        xs.append((_stack_leading(x.node, c), keys))
-        templates.append(x)
-
-    def body(carry, x_slices):
-        values = []
-        for template, x in zip(templates, x_slices, strict=True):
-            if template is None:
-                values.append(x)
-                continue
-            fields, key = x
-            node = jax.tree.unflatten(jax.tree.structure(template.node), fields)
-            v = LoRAValue(template.node, key, template.perm, template.routed)
-            values.append(without_stack_axes(v, [0], node))
-        outs = eval_jaxpr(closed.jaxpr, closed.consts, [*consts, *carry, *values])
-        outs = _concrete(outs, "scan output")
-        return outs[:n_carry], outs[n_carry:]
-
-    carry, ys = lax.scan(body, init, xs, length=length, reverse=params["reverse"],
-                         unroll=params["unroll"])
-    return [*carry, *ys]
-
-
-def _stack_leading(node: LoRA, c: int) -> list[Any]:
-    """The node's data leaves with canonical stack axis ``c`` moved first, for ``lax.scan``."""
-    j = node.canonical_order[c]
-    if c == 0 and j == 0:  # the common case (nn.scan stacks axis 0): no copies; a quantized w
-        return jax.tree.leaves(node)  # keeps per-layer codes
-    m = node.magnitude
-    moved = dataclasses.replace(node, w=jnp.moveaxis(node.float_w(), j, 0),
-                                a=jnp.moveaxis(node.a, c, 0),
-                                b=jnp.moveaxis(node.b, c, 0),
-                                magnitude=None if m is None else jnp.moveaxis(m, c, 0))
-    return jax.tree.leaves(moved)
-
-
-def _cond(params, invals):
-    index, *operands = invals
-
-    def branch(closed, *values):
-        return _concrete(eval_jaxpr(closed.jaxpr, closed.consts, values), "cond output")
-
-    branches = [functools.partial(branch, closed) for closed in params["branches"]]
-    return lax.switch(index, branches, *operands)
-
-
-def _while(params, invals):
-    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
-    cond_consts = _concrete(invals[:n_cond], "while condition")
-    body_consts = invals[n_cond : n_cond + n_body]
-    init = _concrete(invals[n_cond + n_body :], "while carry")
-    cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
-
-    def cond_fn(carry):
-        return eval_jaxpr(cond_jaxpr.jaxpr, cond_jaxpr.consts, [*cond_consts, *carry])[0]
-
-    def body_fn(carry):
-        outs = eval_jaxpr(body_jaxpr.jaxpr, body_jaxpr.consts, [*body_consts, *carry])
-        return _concrete(outs, "while carry")
-
-    return lax.while_loop(cond_fn, body_fn, init)
-
-
-_HIGHER_ORDER = {
-    prims.jit_p: _inline(lambda params: params["jaxpr"]),
-    prims.closed_call_p: _inline(compat.called_jaxpr),  # eval_jaxpr_p after jax 0.11.0
-    compat.remat_p: _remat,
-    prims.scan_p: _scan,
-    prims.cond_p: _cond,
-    prims.while_p: _while,
-}
-
-# Higher-order primitives that `jax.extend` does not export (up to 0.11.0), matched by name.
-_HIGHER_ORDER_BY_NAME = {"eval_jaxpr": _inline(compat.called_jaxpr)}
+    entry = lookup(eqn.primitive)
+    out = None
+    if entry is None:
+        pass
+    elif entry.infer is not None:  # higher-order: its bodies interpreted
+        out = entry.lora(eval_jaxpr, eqn, invals)
+    elif entry.is_consumer:  # returns arrays: staged with JAX's caches
+        out = staging.apply_rule(entry.lora, eqn, invals)
+    else:
+        out = entry.lora(invals, eqn)
+    if out is not None:
+        return out
+    return _bind(eqn, concrete(invals, eqn.primitive.name))

@@ -75,6 +75,9 @@ _GATING = re.compile(r"(^|/)gating_einsum(/w|/kernel)?$")
 # (`nn.scan(..., name="layers")`, NNX and MaxText's scanned decoders); a list of layers is
 # `layers_0` (Linen) or `layers/0` (NNX).
 _SCANNED = re.compile(r"(^|/)layers/(?!\d+(/|$))")
+# MoE experts: a stack of kernels (E, D, F), one per expert, under a module named for them
+# (MaxText's `MoeBlock_0/wi_0`, `experts/w1`), consumed by `lax.ragged_dot` or a batched einsum.
+EXPERTS = re.compile(r"(?i)(^|/)[^/]*(moe|expert)[^/]*/")
 # nn.ConvLocal: (*out_spatial, in_features * window, features), one kernel per position.
 _CONV_LOCAL = re.compile(r"(^|/)ConvLocal(_\d+)?/kernel$")
 
@@ -100,6 +103,8 @@ def default_layout(path: str, shape: tuple[int, ...],
         'sio'
         >>> default_layout("layers/query/kernel", (64, 4, 8, 16), stack=(1,))  # MaxText
         'isoo'
+        >>> default_layout("decoder/MoeBlock_0/wi_0", (8, 64, 256))  # 8 experts
+        'sio'
     """
     if stack is not None and len(shape) - len(stack) >= 2:
         rest = tuple(n for j, n in enumerate(shape) if j not in stack)
@@ -123,7 +128,7 @@ def _name_layout(path: str, shape: tuple[int, ...]) -> str:
             return "s" * (ndim - len(layout)) + layout
     if _GATING.search(path) and ndim >= 3:
         return "s" * (ndim - 2) + ("io" if shape[-2] <= shape[-1] else "oi")
-    if _CONV_LOCAL.search(path) and ndim >= 3:
+    if (_CONV_LOCAL.search(path) or EXPERTS.search(path)) and ndim >= 3:
         return "s" * (ndim - 2) + "io"
     return canonical_layout(ndim, 0, default_in_axes(path, ndim))
 

@@ -76,6 +76,11 @@ class LoRAValue:
         return transpose(self.node.merged(), self.w_perm)
 
 
+def concrete(values: Any, where: str) -> list[Any]:
+    """``values`` with every :class:`LoRAValue` materialized (with the fallback warning)."""
+    return [v.materialize(where) if isinstance(v, LoRAValue) else v for v in values]
+
+
 def transpose(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
     """``lax.transpose``, skipped for the identity permutation."""
     return x if perm == tuple(range(len(perm))) else lax.transpose(x, perm)

@@ -60,20 +60,22 @@ def _after_batched(axis_size: int, in_batched: list[bool], codes: jax.Array, x: 
 
 
 def frozen_product(primitive: Any, x: jax.Array, w: Any, perm: tuple[int, ...],
-                   params: dict[str, Any], side: int = 1) -> jax.Array:
+                   params: dict[str, Any], side: int = 1, extra: tuple = ()) -> jax.Array:
     """``primitive`` applied to ``x`` and the frozen kernel ``w`` in the program's layout.
 
     Args:
-        primitive: a bilinear primitive (``dot_general_p``, ``conv_general_dilated_p``).
+        primitive: a consumer (``dot_general``, ``ragged_dot_general``,
+            ``conv_general_dilated``; ``gather`` with ``x`` the indices).
         x: the other operand.
         w: the frozen kernel: an array or a :class:`lorax.QuantizedArray`.
         perm: the program's view of ``w`` is ``transpose(w, perm)``.
         params: the primitive's parameters.
         side: 1 when ``w`` is the right operand, 0 when it is the left one.
+        extra: further operands after the two (``ragged_dot``'s group sizes).
 
     Returns:
         ``primitive.bind(x, view(w), **params)`` (operands swapped for ``side == 0``),
-        differentiable in ``x`` only.
+        differentiable in ``x`` only (integer ``x``, a lookup's indices: not at all).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -94,10 +96,13 @@ def frozen_product(primitive: Any, x: jax.Array, w: Any, perm: tuple[int, ...],
 
     def apply(x: jax.Array, w_view: jax.Array) -> jax.Array:
         operands = (x, w_view) if side == 1 else (w_view, x)
-        return primitive.bind(*operands, **params)
+        return primitive.bind(*operands, *extra, **params)
 
     if not is_quantized(w):
         return apply(x, _view(w, perm))
+    if not jnp.issubdtype(x.dtype, jnp.inexact):  # nothing to differentiate
+        return apply(x, _view(jax.tree.unflatten(jax.tree.structure(w), [
+            _after(w.codes, x), w.scales]), perm))
     meta = jax.tree.structure(w)
     x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
 

@@ -1,40 +1,44 @@
-"""Factorized rules: how each primitive that consumes a LoRA kernel is computed low-rank.
+"""Consumer rules: how each primitive that multiplies a LoRA kernel with an activation is
+computed low-rank.
 
-Inside :func:`lorax.lora`, a kernel stands as a :class:`lorax.lora_value.LoRAValue`. Layout
-primitives (transpose, reshape, dtype casts, stack slices: :mod:`lorax.view_rules`) update that
-view for free; consumers (``dot_general``,
-``conv_general_dilated``, ``gather``) compute ``op(x, w) + s * op'(op(x, a), b)`` so no
-full-size ``a @ b`` (nor its gradient) is ever formed. Anything else materializes
-``w + s * a @ b`` with a :class:`LoRAFallbackWarning` naming the primitive and the path.
+Inside :func:`lorax.lora`, a kernel stands as a :class:`lorax.lora_value.LoRAValue`; view
+primitives (:mod:`lorax.view_rules`) update it for free, and the consumers here (``dot_general``,
+``ragged_dot_general``, ``conv_general_dilated``, ``gather``) compute ``op(x, w) + s·op'(op(x,
+a), b)``, so no full-size ``a @ b`` (nor its gradient) is ever formed. Each rule supplies only
+its axis bookkeeping and its two low-rank products; the rest is shared: the kernel's use is
+read and checked against its layout as :func:`lorax.infer_axes` reads it (:func:`_consumed`),
+the frozen product is :func:`lorax.qmatmul.frozen_product` (a quantized ``w`` dequantized on
+use, for lookups too), dropout applies to the adapter branch's input, and
+:func:`_combined` adds ``s·low`` and DoRA's column scale. The matmul's low-rank term is
+lowered by :mod:`lorax.lowrank`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend.core import primitives as prims
 
 from lorax import dora, routing
+from lorax.axis_views import (
+    conv_use,
+    dot_use,
+    fits,
+    gather_use,
+    ragged_numbers,
+    ragged_use,
+    single_axes,
+)
+from lorax.layouts import canonical_layout
 from lorax.lora_value import LoRAValue, layout_error, transpose
 from lorax.lowrank import feature_product, lowrank_term, merge_pays, merged_product
 from lorax.node import LoRA
 from lorax.qmatmul import frozen_product
 from lorax.quantized import is_quantized
-from lorax.view_rules import (
-    convert_rule,
-    dynamic_slice_rule,
-    identity_rule,
-    per_array_rule,
-    reshape_rule,
-    slice_rule,
-    squeeze_rule,
-    stop_gradient_rule,
-    transpose_rule,
-)
 
 
 def _dropout(x: jax.Array, key: Any, rate: float) -> jax.Array:
@@ -180,13 +184,44 @@ def _merged_dot(v: LoRAValue, x: jax.Array, xc, xb, wc, wb, side, params) -> jax
     return y.reshape(*free, *node.out_shape)
 
 
-def dot_general_rule(invals, params):
-    (lc, rc), (lb, rb) = params["dimension_numbers"]
-    lhs, rhs = invals
-    if isinstance(lhs, LoRAValue) and isinstance(rhs, LoRAValue):
+def _consumed(invals, eqn, use_of, routable: bool = False):
+    """The kernel ``invals`` hold and its :class:`~lorax.axis_views.Use` by ``eqn`` (``None``
+    for a form lorax does not factorize), checked against the kernel's layout: the check
+    :func:`lorax.infer_axes` applies to the same use (:func:`lorax.axis_views.fits`)."""
+    use = use_of([single_axes(x.perm) if isinstance(x, LoRAValue) else None for x in invals],
+                 eqn)
+    if use is None:
         return None
-    side = 1 if isinstance(rhs, LoRAValue) else 0
-    v, x = (rhs, lhs) if side == 1 else (lhs, rhs)
+    v = invals[use.operand]
+    name = eqn.primitive.name
+    if v.routed and not routable:
+        raise routing.routing_error(v.node, f"`{name}` consumes it")
+    node = v.node
+    if not fits(canonical_layout(v.ndim, node.n_stack, node.n_in), use):
+        raise layout_error(v, name, sorted(use.contracted), sorted(use.batch))
+    return v, use
+
+
+def _combined(v: LoRAValue, frozen: jax.Array, low: jax.Array,
+              positions: dict[int, int] | None) -> jax.Array:
+    """The one composition of every consumer: ``frozen + s·low`` (``low`` already scaled),
+    then DoRA's column scale where ``positions`` maps each canonical stack/output axis of the
+    kernel to an axis of the result."""
+    y = frozen + low.astype(frozen.dtype)
+    if v.node.magnitude is not None:
+        y = y * _dora_scale(v.node, y.ndim, positions, y.dtype)
+    return y
+
+
+def dot_general_rule(invals, eqn):
+    params = eqn.params
+    checked = _consumed(invals, eqn, dot_use, routable=True)
+    if checked is None:
+        return None
+    v, use = checked
+    side = use.operand
+    x = invals[1 - side]
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
     xc, xb, wc, wb = (lc, lb, rc, rb) if side == 1 else (rc, rb, lc, lb)
     if v.routed:
         routing.check_routed(v, x, xc, xb, wc, wb, side)
@@ -196,102 +231,97 @@ def dot_general_rule(invals, params):
     node = v.node
     stack, _, outs = _axis_groups(node)
     cw, bw = [v.perm[d] for d in wc], [v.perm[d] for d in wb]
-    dora_out = node.magnitude is not None and sorted(cw) != list(outs)
-    if node.magnitude is not None and not dora_out:
+    positions = None
+    if node.magnitude is not None and sorted(cw) == list(outs):
         if sorted(bw) != list(stack):
             return None  # DoRA with x @ W.T over free stack axes: materialize
         # W's output axes are contracted (``x @ W.T``, e.g. Embed.attend): scale x instead.
-        positions = {**dict(zip(cw, xc, strict=True)), **dict(zip(bw, xb, strict=True))}
-        x = x * _dora_scale(node, x.ndim, positions, x.dtype)
+        scaled = {**dict(zip(cw, xc, strict=True)), **dict(zip(bw, xb, strict=True))}
+        x = x * _dora_scale(node, x.ndim, scaled, x.dtype)
+        v = v.with_node(dataclasses.replace(node, magnitude=None))
+    elif node.magnitude is not None:
+        # y = (*batch, *x_free, *w_free) for rhs kernels, (*batch, *w_free, *x_free) for lhs.
+        free = [v.perm[d] for d in range(v.ndim) if d not in wc and d not in wb]
+        first = x.ndim - len(xc) if side == 1 else len(bw)
+        positions = {c: k for k, c in enumerate(bw)}
+        positions.update({c: first + j for j, c in enumerate(free)})
     low = _lowrank_dot(v, x, list(xc), list(xb), list(wc), list(wb), side, params)
     # The frozen product keeps the program's own form: flattened like the low-rank term, it
     # would save XLA's transposed copy of W for dy·Wᵀ on CPU, but under FSDP (sharded W, auto
     # axes) the partitioner then all-gathers W and all-reduces W-sized results the frozen
     # step does not (tests/test_distributed.py).
-    y = frozen_product(prims.dot_general_p, x, node.w, v.w_perm, params, side)
-    y = y + low.astype(y.dtype)
-    if dora_out:
-        # y = (*batch, *x_free, *w_free) for rhs kernels, (*batch, *w_free, *x_free) for lhs.
-        free = [v.perm[d] for d in range(v.ndim) if d not in wc and d not in wb]
-        first = y.ndim - len(free) if side == 1 else len(bw)
-        positions = {c: k for k, c in enumerate(bw)}
-        positions.update({c: first + j for j, c in enumerate(free)})
-        y = y * _dora_scale(node, y.ndim, positions, y.dtype)
+    frozen = frozen_product(eqn.primitive, x, node.w, v.w_perm, params, side)
+    return _combined(v, frozen, low, positions)
+
+
+def ragged_dot_rule(invals, eqn):
+    """``lax.ragged_dot(x, W, group_sizes)`` (MoE experts: ``W`` a ``(g, k, n)`` stack, one
+    kernel per group of rows): the low-rank term is two ragged products with the same group
+    sizes, ``(x·A[g])·B[g]``, never a per-expert ``A·B``."""
+    checked = _consumed(invals, eqn, ragged_use)
+    if checked is None:
+        return None
+    v, use = checked
+    x, _, group_sizes = invals
+    node, params = v.node, eqn.params
+    contract, ragged, _, _ = ragged_numbers(params)
+    _, ins, outs = _axis_groups(node)
+    if node.magnitude is not None and use.contracted != frozenset(ins):
+        return None  # DoRA with x @ W.T per group: materialize
+    frozen = frozen_product(eqn.primitive, x, node.w, v.w_perm, params, extra=(group_sizes,))
+    rows = transpose(_dropout(x, v.key, node.dropout), (ragged, contract))
+    first, second = node.a, node.b  # (g, k, r), (g, r, n)
+    if use.contracted != frozenset(ins):  # x @ W.T per group
+        first, second = jnp.swapaxes(node.b, 1, 2), jnp.swapaxes(node.a, 1, 2)
+    t = lax.ragged_dot(rows, first.astype(rows.dtype), group_sizes,
+                       precision=params["precision"])
+    t = t * jnp.asarray(node.scale, t.dtype)
+    low = lax.ragged_dot(t, second.astype(t.dtype), group_sizes, precision=params["precision"],
+                         preferred_element_type=params["preferred_element_type"])
+    y = frozen + low.astype(frozen.dtype)
+    if node.magnitude is not None:  # each row gets its group's column scale
+        groups = jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes,
+                            total_repeat_length=rows.shape[0])
+        columns = _dora_scale(node, 2, {0: 0, outs[0]: 1}, y.dtype)  # (g, n)
+        y = y * columns[groups]
     return y
 
 
-def conv_rule(invals, params):
-    lhs, rhs = invals
-    if isinstance(lhs, LoRAValue) or params["feature_group_count"] != 1:
+def conv_rule(invals, eqn):
+    checked = _consumed(invals, eqn, conv_use)
+    if checked is None:
         return None
-    if rhs.routed:
-        raise routing.routing_error(rhs.node, "a convolution consumes it")
-    if params["batch_group_count"] != 1:
-        return None
-    v = rhs
-    node = v.node
-    _, ins, outs = _axis_groups(node)
-    dn = params["dimension_numbers"]
-    out_feature = dn.rhs_spec[0]
-    if node.n_stack or len(outs) != 1 or v.perm[out_feature] != outs[0]:
-        contracted = [v.perm[d] for d in range(v.ndim) if d != out_feature]
-        raise layout_error(v, "conv_general_dilated", contracted)
-    y = frozen_product(prims.conv_general_dilated_p, lhs, node.w, v.w_perm, params)
+    v, _ = checked
+    lhs, params, node = invals[0], eqn.params, v.node
+    frozen = frozen_product(eqn.primitive, lhs, node.w, v.w_perm, params)
     x = _dropout(lhs, v.key, node.dropout)
     a_kernel = transpose(node.a.astype(x.dtype), v.perm)  # program layout, out features -> r
-    t = prims.conv_general_dilated_p.bind(x, a_kernel, **{**params, "preferred_element_type": None})
+    t = eqn.primitive.bind(x, a_kernel, **{**params, "preferred_element_type": None})
     t = t * jnp.asarray(node.scale, t.dtype)
-    feature = dn.out_spec[1]
+    feature = params["dimension_numbers"].out_spec[1]
     low = feature_product(t, node.b, feature, params.get("precision"))
-    y = y + low.astype(y.dtype)
-    if node.magnitude is not None:
-        y = y * _dora_scale(node, y.ndim, {outs[0]: feature}, y.dtype)
-    return y
+    return _combined(v, frozen, low, {_axis_groups(node)[2][0]: feature})
 
 
-def gather_rule(invals, params):
-    operand, indices = invals
-    if not isinstance(operand, LoRAValue) or isinstance(indices, LoRAValue):
+def gather_rule(invals, eqn):
+    """An embedding lookup: the frozen rows come from the same (quantized) frozen product as a
+    matmul's, the low-rank term from looking up rows of ``a``."""
+    checked = _consumed(invals, eqn, gather_use)
+    if checked is None:
         return None
-    v, node = operand, operand.node
-    if v.routed:
-        raise routing.routing_error(node, "a gather (embedding lookup) consumes it")
-    _, ins, outs = _axis_groups(node)
-    dn = params["dimension_numbers"]
-    if node.n_stack or len(outs) != 1 or dn.operand_batching_dims:
+    v, _ = checked
+    indices, params, node = invals[1], eqn.params, v.node
+    _, _, outs = _axis_groups(node)
+    if node.n_stack or len(outs) != 1:
         return None
     out_axis = v.perm.index(outs[0])  # the program's axis holding the output features
-    indexed = set(dn.collapsed_slice_dims) | set(dn.start_index_map)
-    if out_axis in indexed or params["slice_sizes"][out_axis] != v.shape[out_axis]:
-        return None
-    y = prims.gather_p.bind(v.base(), indices, **params)
-    a_view = transpose(node.a, v.perm)
+    frozen = frozen_product(eqn.primitive, indices, node.w, v.w_perm, params, side=0)
     slice_sizes = list(params["slice_sizes"])
     slice_sizes[out_axis] = node.rank
-    t = prims.gather_p.bind(a_view, indices, **{**params, "slice_sizes": tuple(slice_sizes)})
+    t = eqn.primitive.bind(transpose(node.a, v.perm), indices,
+                           **{**params, "slice_sizes": tuple(slice_sizes)})
+    dn = params["dimension_numbers"]
     kept = [d for d in range(v.ndim) if d not in dn.collapsed_slice_dims]
     feature = dn.offset_dims[kept.index(out_axis)]
     t = _dropout(t, v.key, node.dropout) * jnp.asarray(node.scale, t.dtype)
-    low = feature_product(t, node.b, feature)
-    y = y + low.astype(y.dtype)
-    if node.magnitude is not None:
-        y = y * _dora_scale(node, y.ndim, {outs[0]: feature}, y.dtype)
-    return y
-
-
-# Primitives that `jax.extend` does not export, matched by name.
-NAMED_RULES = {"pvary": per_array_rule}
-
-RULES = {
-    prims.dot_general_p: dot_general_rule,
-    prims.conv_general_dilated_p: conv_rule,
-    prims.gather_p: gather_rule,
-    prims.transpose_p: transpose_rule,
-    prims.convert_element_type_p: convert_rule,
-    prims.reshape_p: reshape_rule,
-    prims.copy_p: identity_rule,
-    prims.stop_gradient_p: stop_gradient_rule,
-    prims.slice_p: slice_rule,
-    prims.dynamic_slice_p: dynamic_slice_rule,
-    prims.squeeze_p: squeeze_rule,
-}
+    return _combined(v, frozen, feature_product(t, node.b, feature), {outs[0]: feature})

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 
 from lorax.config import LoRAConfig
+from lorax.layouts import EXPERTS
 from lorax.node import is_array_like
 from lorax.paths import PathSelector, hint, listing, unmatched_keys
 
@@ -23,20 +24,28 @@ DEFAULT_TARGETS = re.compile(r"(^|/)(kernel|[^/]*einsum/w|[^/]*einsum|linear/w|l
 # ... but not the language-model output projection over the vocabulary, as PEFT's `all-linear`
 # (HF/EasyLM `lm_head`, MaxText/T5X `logits_dense`, Flax's lm1b/wmt `logitdense`).
 OUTPUT_HEADS = re.compile(r"(^|/)(lm_head|logits_dense|logitdense)/kernel$")
+# MoE expert stacks (E, D, F) under a module named for them, whatever the leaf's name
+# (MaxText's `MoeBlock_0/wi_0`, `wo`; `experts/w1`): see lorax.layouts.EXPERTS.
 
 
 def is_default_target(path: str, leaf: Any) -> bool:
     """Whether ``targets=None`` adapts the leaf at ``path``: a kernel (:data:`DEFAULT_TARGETS`)
-    that is not a language-model output head (:data:`OUTPUT_HEADS`).
+    that is not a language-model output head (:data:`OUTPUT_HEADS`), or a stack of MoE expert
+    kernels (ndim >= 3 under a module named for experts, :data:`lorax.layouts.EXPERTS`).
 
     Example:
         >>> import jax.numpy as jnp
         >>> w = jnp.ones((4, 8))
         >>> is_default_target("mlp/kernel", w), is_default_target("lm_head/kernel", w)
         (True, False)
+        >>> is_default_target("MoeBlock_0/wi_0", jnp.ones((8, 4, 16)))
+        True
     """
-    return bool(DEFAULT_TARGETS.search(path)) and not OUTPUT_HEADS.search(path) and is_kernel(
-        leaf)
+    if not is_kernel(leaf):
+        return False
+    if EXPERTS.search(path) and leaf.ndim >= 3:
+        return True
+    return bool(DEFAULT_TARGETS.search(path)) and not OUTPUT_HEADS.search(path)
 
 
 def is_kernel(leaf: Any) -> bool:

@@ -131,21 +131,21 @@ def _anonymous(value: Any) -> Any:
 
 
 def _staged_rule(rule: Callable[..., Any], eqn: Any) -> Callable[..., Any]:
-    params, full = eqn.params, _with_literals(eqn)
-    return jax.jit(lambda operands: rule(full(operands), params), inline=True)
+    full = _with_literals(eqn)
+    return jax.jit(lambda operands: rule(full(operands), eqn), inline=True)
 
 
 def apply_rule(rule: Callable[..., Any], eqn: Any, invals: list[Any]) -> Any:
-    """``rule(invals, eqn.params)`` for a rule that returns arrays (or ``None``): a consumer.
+    """``rule(invals, eqn)`` for a rule that returns arrays (or ``None``): a consumer.
 
     Staged (see the module docstring) when the operands are traced. Should the staged call
     fail, the rule runs directly, so that its error names the kernel's path.
     """
     key = signature(eqn) if _is_traced(jax.tree.leaves(invals)) else None
     if key is None:
-        return rule(invals, eqn.params)
+        return rule(invals, eqn)
     try:
         fn = _staged((rule, *key), lambda: _staged_rule(rule, eqn))
         return fn([_anonymous(v) for v in _operands(eqn, invals)])
     except Exception:  # noqa: BLE001 (re-raised, with the path, by the direct call)
-        return rule(invals, eqn.params)
+        return rule(invals, eqn)

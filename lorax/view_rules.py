@@ -1,34 +1,51 @@
-"""Rules for primitives that change how a LoRA kernel is viewed without consuming it.
+"""How :func:`lorax.lora` applies a view primitive (one that changes how a kernel is seen without
+consuming it) to a LoRA kernel.
 
-Transposes, casts, reshapes, stack-axis slices and squeezes, copies and gradient stops update
-the :class:`lorax.lora_value.LoRAValue` (its permutation, or each of ``w``, ``a``, ``b`` and a
-DoRA magnitude) so the kernel stays factorized until a consumer in :mod:`lorax.rules` uses it.
-A rule returns ``None`` when it cannot keep the kernel factorized; the interpreter then
-materializes it with a warning.
+Transposes, casts, reshapes, stack-axis slices and squeezes, copies, gradient stops, barriers
+and per-array markers update the :class:`lorax.lora_value.LoRAValue` (its permutation, or each
+of ``w``, ``a``, ``b`` and a DoRA magnitude) so the kernel stays factorized until a consumer in
+:mod:`lorax.rules` uses it. Which kernel axes each result axis holds comes from
+:mod:`lorax.axis_views`, the functions :func:`lorax.infer_axes` follows axes with. A rule returns
+``None`` when it cannot keep the kernel factorized; the interpreter then materializes it with a
+warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from lorax import compat
+from lorax.axis_views import (
+    View,
+    reshape_axes,
+    single_axes,
+    slice_axes,
+    squeeze_axes,
+    transpose_axes,
+)
 from lorax.lora_value import LoRAValue
 from lorax.node import LoRA
+from lorax.quantized import is_quantized
 
 
-def transpose_rule(invals, params):
+def _view(v: LoRAValue, axes_of, eqn) -> View:
+    """The view function's effect on ``v`` (canonical kernel axes)."""
+    return axes_of(single_axes(v.perm), eqn)
+
+
+def transpose_rule(invals, eqn):
     (v,) = invals
-    return v.with_node(v.node, tuple(v.perm[p] for p in params["permutation"]))
+    axes = _view(v, transpose_axes, eqn).axes
+    return v.with_node(v.node, tuple(min(a) for a in axes))
 
 
-def convert_rule(invals, params):
+def convert_rule(invals, eqn):
     (v,) = invals
-    dtype = params["new_dtype"]
+    dtype = eqn.params["new_dtype"]
     if not jnp.issubdtype(dtype, jnp.floating):
         return None
     n = v.node
@@ -36,33 +53,45 @@ def convert_rule(invals, params):
     return v.with_node(node)
 
 
-def reshape_rule(invals, params):
+def reshape_rule(invals, eqn):
+    """A reshape that regroups the kernel's input axes among themselves and its output axes
+    among themselves (stack axes kept) reshapes ``w``, ``a`` and ``b`` alike."""
     (v,) = invals
     node = v.node
-    if v.routed:
-        return None  # materialize() names the kernel
-    new = tuple(params["new_sizes"])
+    axes = _view(v, reshape_axes, eqn).axes
+    if v.routed or axes is None or v.perm != tuple(range(v.ndim)) or not node.is_canonical:
+        return None  # materialize() names a routed kernel
     s = node.n_stack
-    if (params.get("dimensions") is not None or v.perm != tuple(range(v.ndim))
-            or not node.is_canonical):
+    groups = {c: set(r) for c, r in zip("sio", _axis_ranges(node), strict=True)}
+    roles = []
+    for a in axes:
+        role = next((c for c, g in groups.items() if a <= g), None) if a else ""
+        if role is None:
+            return None  # an axis merging input with output (or stack) axes
+        roles.append(role)
+    # An inserted size-1 axis is an input before the first output axis, else an output.
+    first_out = roles.index("o") if "o" in roles else len(roles)
+    roles = "".join(r or ("i" if k < first_out else "o") for k, r in enumerate(roles))
+    new = tuple(eqn.params["new_sizes"])
+    if (roles[:s] != "s" * s or axes[:s] != single_axes(range(s)) or "s" in roles[s:]
+            or roles[s:] != "i" * roles.count("i") + "o" * roles.count("o")):
         return None
-    if new[:s] != node.shape[:s]:
-        return None
-    in_size = math.prod(node.in_shape)
-    for k in range(s + 1, len(new)):
-        if math.prod(new[s:k]) == in_size:
-            ins, outs = new[s:k], new[k:]
-            node = dataclasses.replace(
-                node,
-                w=node.w.reshape(new),
-                a=jnp.reshape(node.a, (*new[:s], *ins, node.rank)),
-                b=jnp.reshape(node.b, (*new[:s], node.rank, *outs)),
-                magnitude=None if node.magnitude is None
-                else jnp.reshape(node.magnitude, (*new[:s], *outs)),
-                n_in=len(ins),
-            )
-            return LoRAValue(node, v.key, tuple(range(len(new))))
-    return None
+    ins, outs = new[s:s + roles.count("i")], new[s + roles.count("i"):]
+    node = dataclasses.replace(
+        node,
+        w=node.w.reshape(new),
+        a=jnp.reshape(node.a, (*new[:s], *ins, node.rank)),
+        b=jnp.reshape(node.b, (*new[:s], node.rank, *outs)),
+        magnitude=None if node.magnitude is None
+        else jnp.reshape(node.magnitude, (*new[:s], *outs)),
+        n_in=len(ins),
+    )
+    return LoRAValue(node, v.key, tuple(range(len(new))))
+
+
+def _axis_ranges(node: LoRA) -> tuple[range, range, range]:
+    s, i = node.n_stack, node.n_in
+    return range(0, s), range(s, s + i), range(s + i, len(node.shape))
 
 
 def _map_stack_axis(node: LoRA, c: int, fn) -> LoRA:
@@ -89,19 +118,23 @@ def without_stack_axes(v: LoRAValue, dropped: list[int], node: LoRA) -> LoRAValu
     return LoRAValue(node, v.key, perm, v.routed)
 
 
-def _sliced_stack_axes(v: LoRAValue, sizes) -> list[int] | None:
-    """The program axes a slice narrows, when all of them are stack axes (else ``None``)."""
-    narrowed = [d for d, n in enumerate(sizes) if n != v.shape[d]]
-    if v.routed or any(v.perm[d] >= v.node.n_stack for d in narrowed):
+def _stack_slice(v: LoRAValue, eqn) -> list[int] | None:
+    """The program axes a slice or squeeze narrows, when they all hold stack axes (else
+    ``None``)."""
+    axes_of = squeeze_axes if eqn.primitive.name == "squeeze" else slice_axes
+    if v.routed or any(c >= v.node.n_stack for c in _view(v, axes_of, eqn).indexed):
         return None
-    return narrowed
+    if eqn.primitive.name == "squeeze":
+        return list(eqn.params["dimensions"])
+    return [d for d, n in enumerate(eqn.outvars[0].aval.shape) if n != v.shape[d]]
 
 
-def slice_rule(invals, params):
+def slice_rule(invals, eqn):
     """``w[i:j]`` along stack axes (e.g. ``w[0]`` of Gemma's gating kernel) slices every field."""
     (v,) = invals
+    params = eqn.params
     start, limit, strides = params["start_indices"], params["limit_indices"], params["strides"]
-    narrowed = _sliced_stack_axes(v, [hi - lo for lo, hi in zip(start, limit, strict=True)])
+    narrowed = _stack_slice(v, eqn)
     if narrowed is None:
         return None
     node = v.node
@@ -112,15 +145,13 @@ def slice_rule(invals, params):
     return v.with_node(node)
 
 
-def dynamic_slice_rule(invals, params):
+def dynamic_slice_rule(invals, eqn):
     """``lax.dynamic_slice`` (``w[i]`` with a traced ``i``) along stack axes."""
     v, *starts = invals
-    if any(isinstance(i, LoRAValue) for i in starts):
+    narrowed = _stack_slice(v, eqn)
+    if narrowed is None or any(isinstance(i, LoRAValue) for i in starts):
         return None
-    sizes = params["slice_sizes"]
-    narrowed = _sliced_stack_axes(v, sizes)
-    if narrowed is None:
-        return None
+    sizes = eqn.params["slice_sizes"]
     node = v.node
     for d in narrowed:
         node = _map_stack_axis(node, v.perm[d], lambda x, ax, d=d: lax.dynamic_slice_in_dim(
@@ -128,11 +159,11 @@ def dynamic_slice_rule(invals, params):
     return v.with_node(node)
 
 
-def squeeze_rule(invals, params):
+def squeeze_rule(invals, eqn):
     """Dropping size-1 stack axes (after ``w[0]``) drops them from every field."""
     (v,) = invals
-    dims = list(params["dimensions"])
-    if v.routed or any(v.perm[d] >= v.node.n_stack for d in dims):
+    dims = _stack_slice(v, eqn)
+    if dims is None:
         return None
     node = dataclasses.replace(v.node, layout=v.node.roles)  # fixed while axes are dropped
     for c in sorted((v.perm[d] for d in dims), reverse=True):  # stack axes keep w's order
@@ -140,13 +171,13 @@ def squeeze_rule(invals, params):
     return without_stack_axes(v, dims, node)
 
 
-def identity_rule(invals, params):
-    del params
+def identity_rule(invals, eqn):
+    del eqn
     return invals[0]
 
 
-def stop_gradient_rule(invals, params):
-    del params
+def stop_gradient_rule(invals, eqn):
+    del eqn
     (v,) = invals
     n = v.node
     m = None if n.magnitude is None else lax.stop_gradient(n.magnitude)
@@ -154,23 +185,41 @@ def stop_gradient_rule(invals, params):
                                            magnitude=m))
 
 
-def per_array_rule(primitive):
-    """A rule applying a shape-preserving primitive to ``w``, ``a``, ``b`` (and ``magnitude``)
-    separately, so the kernel stays factorized (e.g. ``pvary``, which ``shard_map`` inserts to
-    mark a replicated W as device-varying)."""
+def per_array_rule(invals, eqn):
+    """A shape-preserving primitive applied to ``w``, ``a``, ``b`` (and ``magnitude``)
+    separately, so the kernel stays factorized: ``pvary`` (which ``shard_map`` inserts to mark
+    a replicated W as device-varying) on every array, ``reduce_precision`` on the float ones
+    (the factors are rounded like the kernel; a quantized ``w``'s codes are left alone)."""
+    primitive, params = eqn.primitive, eqn.params
+    floats_only = primitive.name == "reduce_precision"
 
-    def rule(invals, params):
-        def apply(x):
-            return None if x is None else compat.bind_each(primitive, x, params)
+    def apply(x):
+        if x is None or floats_only and not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return compat.bind_each(primitive, x, params)
 
-        def each(v):
-            if not isinstance(v, LoRAValue):
-                return apply(v)
-            n = v.node
-            w = jax.tree.map(apply, n.w)  # a quantized w: its codes and scales
-            return v.with_node(dataclasses.replace(n, w=w, a=apply(n.a), b=apply(n.b),
-                                                   magnitude=apply(n.magnitude)))
+    def each(v):
+        if not isinstance(v, LoRAValue):
+            return apply(v)
+        n = v.node
+        w = jax.tree.map(apply, n.w)  # a quantized w: its codes and scales
+        return v.with_node(dataclasses.replace(n, w=w, a=apply(n.a), b=apply(n.b),
+                                               magnitude=apply(n.magnitude)))
 
-        return compat.as_results(primitive, [each(v) for v in invals])
+    return compat.as_results(primitive, [each(v) for v in invals])
 
-    return rule
+
+def barrier_rule(invals, eqn):
+    """``lax.optimization_barrier`` over the operands, a kernel's arrays among them."""
+    del eqn
+    return list(lax.optimization_barrier(list(invals)))
+
+
+def constraint_rule(invals, eqn):
+    """A sharding constraint on the kernel constrains the frozen ``w`` (the factors have their
+    own shapes and shardings, :func:`lorax.factor_specs`)."""
+    (v,) = invals
+    w = v.node.w
+    if is_quantized(w) or v.w_perm != tuple(range(v.ndim)):
+        return v  # the constraint names the program's axes, not w's
+    return v.with_node(dataclasses.replace(v.node, w=compat.bind(eqn.primitive, [w], eqn.params)))
