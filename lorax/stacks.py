@@ -44,8 +44,10 @@ from lorax.paths import leaf_name, path_str
 
 # Axis names that mark a stack of layers: MaxText's `layers`, `dense_layers`, `moe_layers`,
 # pipeline `stage`/`circular_repeats`, flaxformer's `layers`, NNX's conventional `layers`, and
-# the plain words for a scanned axis (`stack`, `scan`, `depth`).
-LAYER_AXIS = re.compile(r"(^|_)(layers?|stages?|repeats|blocks|stack(ed)?|scan|depth)$")
+# the plain words for a scanned axis (`stack`, `scan`, `depth`); and a stack of MoE experts
+# (MaxText's `exp`; not its `embed_no_exp`, the model width).
+LAYER_AXIS = re.compile(
+    r"(^|_)(layers?|stages?|repeats|blocks|stack(ed)?|scan|depth)$|^(exp|experts?)$")
 # Module names that say "a scanned stack" (`nn.scan(..., name="layers")`, MaxText's
 # `dense_layers`/`moe_layers`); a list of layers is `layers_0` or `layers/0` instead.
 _LAYER_MODULE = re.compile(r"(^|_)layers$")

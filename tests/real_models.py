@@ -7,6 +7,9 @@
   gated MLP ``wi_0``/``wi_1`` ``(embed, mlp)``, ``wo`` ``(mlp, embed)``, every parameter boxed
   with ``nn.with_logical_partitioning``; a ``logits_dense`` head. Kernels come out as
   ``decoder/layers/mlp/wi_0/kernel`` ``(embed, layers, mlp)``; used boxed or ``nn.unbox``-ed.
+* ``maxtext_moe``: MaxText's routed MoE layers (``RoutedMoE``'s sparse-matmul path, scanned
+  the same way): a ``gate`` kernel, top-2 routing, ``lax.ragged_dot`` over the expert stacks
+  ``wi_0``/``wi_1`` ``(exp, embed_no_exp, mlp)`` and ``wo``; boxed.
 * ``vit``: big_vision's ViT with ``scan=True``: ``nn.scan(nn.remat(block), variable_axes=
   {"params": 0}, ...)(name="encoderblock")`` over LayerNorm, Flax's
   ``MultiHeadDotProductAttention`` and an ``MlpBlock`` of two Dense; a patch ``Conv``, a
@@ -161,6 +164,64 @@ def maxtext(boxed: bool, layers: int = 3):
     layouts[f"{pre}/self_attention/out/kernel"] = "isio"
     layouts.update({f"{pre}/mlp/{n}/kernel": "iso" for n in ("wi_0", "wi_1", "wo")})
     return fn, params, ids, layouts
+
+
+class _MoeBlock(nn.Module):
+    """MaxText's routed MoE (``RoutedMoE``, sparse-matmul path): a ``gate`` kernel, top-2
+    routing, tokens sorted by expert, ``lax.ragged_dot`` with the expert stacks ``wi_0``/``wi_1``
+    ``(exp, embed_no_exp, mlp)`` and ``wo`` ``(exp, mlp, embed_no_exp)``, unsorted and mixed."""
+
+    experts: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        e, k = self.experts, 2
+        tokens = x.reshape(-1, D)
+        logits = _Proj((D, e), ("embed", None), "td,de->te", name="gate")(tokens)
+        weights, chosen = jax.lax.top_k(logits, k)
+        flat = chosen.reshape(-1)
+        order = jnp.argsort(flat)
+        rows = jnp.repeat(tokens, k, axis=0)[order]
+        sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+        wi = [self.param(n, _init(("exp", "embed_no_exp", "mlp")), (e, D, F))
+              for n in ("wi_0", "wi_1")]
+        wo = self.param("wo", _init(("exp", "mlp", "embed_no_exp")), (e, F, D))
+        gate, up = (jax.lax.ragged_dot(rows, w, sizes) for w in wi)
+        out = jax.lax.ragged_dot(jax.nn.gelu(gate) * up, wo, sizes)[jnp.argsort(order)]
+        mixed = jnp.einsum("tkd,tk->td", out.reshape(-1, k, D), jax.nn.softmax(weights))
+        return mixed.reshape(x.shape)
+
+
+class _MoeLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + _MoeBlock(name="MoeBlock_0")(_RMSNorm(name="post_self_attention_layer_norm")(
+            x)), None
+
+
+class _MoeDecoder(nn.Module):
+    layers: int
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(_MoeLayer, variable_axes={"params": 1}, split_rngs={"params": True},
+                        length=self.layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        return stack(name="layers")(x, None)[0]
+
+
+def maxtext_moe(layers: int = 2):
+    """MaxText-style scanned MoE layers (boxed): the expert stacks come out as
+    ``(exp, layers, embed_no_exp, mlp)``, two stack axes."""
+    model = _MoeDecoder(layers, name="decoder")
+    x = _x(4)
+    params = _linen_params(model, x)
+
+    def fn(p, x):
+        return model.apply({"params": p}, x)
+
+    pre = "layers/MoeBlock_0"
+    return fn, params, x, {f"{pre}/gate/kernel": "iso", f"{pre}/wi_0": "ssio",
+                           f"{pre}/wi_1": "ssio", f"{pre}/wo": "ssio"}
 
 
 # --- big_vision-style ViT, scan=True ---------------------------------------------------------
@@ -375,6 +436,7 @@ def nnx_stacked(layers: int = 3):
 BUILDERS = {
     "maxtext_boxed": lambda: maxtext(boxed=True),
     "maxtext_unboxed": lambda: maxtext(boxed=False),
+    "maxtext_moe": maxtext_moe,
     "vit_depth2": lambda: vit(2),  # depth below the rank
     "vit_depth6": lambda: vit(6),  # depth above the rank
     "nnx_gemma_mqa": lambda: nnx_gemma("mqa"),
