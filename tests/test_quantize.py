@@ -161,6 +161,32 @@ def test_stacked_kernel_in_scan_and_dora():
     assert_close(got, want)
 
 
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantized_embedding_lookup_and_moe_experts(kind):
+    """Lookups and ragged (MoE) products go through the same quantized frozen product as
+    matmuls: the dequantized base plus the factorized term, gradients for the factors only."""
+    table, experts = _kernel((64, 32), 8), _kernel((4, 32, 16), 9)
+    lp = _perturb(lorax.quantize(lorax.wrap({"embed": {"embedding": table},
+                                             "moe": {"experts": experts}}, rank=4,
+                                            targets=["embedding", "experts"]), kind, 32))
+    ids, sizes = jnp.array([[1, 5, 63], [0, 2, 2]]), jnp.array([1, 2, 0, 3], jnp.int32)
+
+    def f(p, ids):
+        h = jnp.take(p["embed"]["embedding"], ids, axis=0).reshape(6, 32)
+        return jax.lax.ragged_dot(h, p["moe"]["experts"], sizes)
+
+    deq = _dequantized(lp)
+    with jax.default_matmul_precision("highest"):
+        assert_close(lorax.lora(f)(lp, ids), f(lorax.merge(deq), ids))
+        grads = [jax.grad(lambda t, tree=tree: jnp.sum(lorax.lora(f)(
+            lorax.combine(t, lorax.split(tree)[1]), ids) ** 2))(lorax.split(tree)[0])
+            for tree in (lp, deq)]
+    for got, want in zip(lora_nodes(grads[0]), lora_nodes(grads[1]), strict=True):
+        assert got.w is None
+        assert_close(got.a, want.a)
+        assert_close(got.b, want.b)
+
+
 def test_quantized_leaf_outside_lora_node():
     w = _kernel((32, 8), 7)
     q = qz.quantize_array(w, "int8", 32)
