@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import jax.numpy as jnp
-import numpy as np
 
-from lorax.layouts import axis_groups, canonical_layout, layout_order
+from lorax.layouts import Layout
 from lorax.quantized import QuantizedArray
 
 T = TypeVar("T")
@@ -75,41 +74,42 @@ class KernelAxes:
         return jnp.dtype(self.w.dtype)
 
     @property
+    def axes_layout(self) -> Layout:
+        """The kernel's :class:`lorax.layouts.Layout` (from ``layout``, else the counts)."""
+        if self.layout is not None:
+            return Layout(self.layout)
+        return Layout.canonical(len(self.shape), self.n_stack, self.n_in)
+
+    @property
     def roles(self) -> str:
         """The full layout string, one of ``s``/``i``/``o`` per axis of ``w``."""
-        if self.layout is not None:
-            return self.layout
-        return canonical_layout(len(self.shape), self.n_stack, self.n_in)
+        return self.axes_layout.roles
 
     @property
     def canonical_order(self) -> tuple[int, ...]:
         """``w``'s axes in canonical ``(*stack, *in, *out)`` order."""
-        return layout_order(self.roles)
+        return self.axes_layout.order
 
     @property
     def canonical_axes(self) -> tuple[int, ...]:
         """For each axis of ``w``, the canonical axis it is (the inverse of
         :attr:`canonical_order`)."""
-        return tuple(int(c) for c in np.argsort(self.canonical_order))
+        return self.axes_layout.inverse
 
     @property
     def is_canonical(self) -> bool:
         """Whether ``w`` is already laid out as ``(*stack, *in, *out)``."""
-        return self.canonical_order == tuple(range(len(self.shape)))
-
-    def canonical(self, per_axis: Sequence[T]) -> tuple[T, ...]:
-        """Reorders one entry per axis of ``w`` (a shape, a sharding spec) canonically."""
-        return tuple(per_axis[j] for j in self.canonical_order)
+        return self.axes_layout.is_canonical
 
     @property
     def canonical_shape(self) -> tuple[int, ...]:
         """The kernel's shape in ``(*stack, *in, *out)`` order."""
-        return self.canonical(self.shape)
+        return self.axes_layout.to_canonical(self.shape)
 
     def groups(self, per_axis: Sequence[T]) -> tuple[tuple[T, ...], tuple[T, ...], tuple[T, ...]]:
         """One entry per axis of ``w`` (a shape, a sharding spec) as canonical
         ``(stack, in, out)`` groups."""
-        return axis_groups(self.canonical(per_axis), self.n_stack, self.n_in)
+        return self.axes_layout.groups(self.axes_layout.to_canonical(per_axis))
 
     @property
     def stack_shape(self) -> tuple[int, ...]:

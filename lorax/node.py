@@ -124,7 +124,7 @@ class LoRA(KernelAxes):
         if self.magnitude is None:
             raise ValueError(f"the LoRA node at {self.path!r} has no DoRA magnitude")
         norm = dora.adapted_norm(self.to_canonical(self.float_w()), self.a, self.b, self.scale,
-                                 self.n_stack, self.n_in)
+                                 self.axes_layout)
         return dora.factor(self.magnitude, norm)
 
     def merged(self) -> jax.Array:
