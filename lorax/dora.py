@@ -28,9 +28,7 @@ _HIGHEST = lax.Precision.HIGHEST
 
 def _canonical(w: Any, layout: Layout | int, n_in: int | None
                ) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
-    """The ``(stack, in size, out)`` groups of a canonical ``w``; ``layout`` may also be the
-    stack axis count (with ``n_in``), as before :class:`lorax.layouts.Layout`."""
-    if not isinstance(layout, Layout):
+    if not isinstance(layout, Layout):  # the counts (n_stack, n_in), as before Layout
         layout = Layout.canonical(len(w.shape), layout, n_in)
     stack, ins, outs = layout.groups(w.shape)
     return stack, math.prod(ins), outs
@@ -40,8 +38,7 @@ def weight_norm(w: Any, layout: Layout | int, n_in: int | None = None) -> jax.Ar
     """The column norms ``||w_j||`` of a kernel ``(*stack, *in, *out)``: shape ``(*stack, *out)``.
 
     This is DoRA's initial magnitude (so a DoRA-wrapped model is unchanged at step 0).
-    ``layout``: the kernel's :class:`lorax.layouts.Layout` (``w`` already in its canonical
-    order), or the number of stack axes followed by ``n_in``.
+    ``layout`` and ``n_in`` are as in :func:`adapted_norm`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -73,8 +70,6 @@ def adapted_norm(w: Any, a: Any, b: Any, scale: float, layout: Layout | int,
         >>> import jax.numpy as jnp
         >>> w, a, b = jnp.eye(2), jnp.ones((2, 1)), jnp.array([[1.0, 0.0]])
         >>> adapted_norm(w, a, b, 1.0, Layout("io"))  # W + AB = [[2, 0], [1, 1]]
-        Array([2.236068, 1.      ], dtype=float32)
-        >>> adapted_norm(w, a, b, 1.0, 0, 1)  # the same with counts: 0 stack axes, 1 input axis
         Array([2.236068, 1.      ], dtype=float32)
     """
     stack, in_size, outs = _canonical(w, layout, n_in)

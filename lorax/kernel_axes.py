@@ -76,55 +76,29 @@ class KernelAxes:
     @property
     def axes_layout(self) -> Layout:
         """The kernel's :class:`lorax.layouts.Layout` (from ``layout``, else the counts)."""
-        if self.layout is not None:
-            return Layout(self.layout)
-        return Layout.canonical(len(self.shape), self.n_stack, self.n_in)
+        return (Layout(self.layout) if self.layout is not None
+                else Layout.canonical(len(self.shape), self.n_stack, self.n_in))
 
-    @property
-    def roles(self) -> str:
-        """The full layout string, one of ``s``/``i``/``o`` per axis of ``w``."""
-        return self.axes_layout.roles
-
-    @property
-    def canonical_order(self) -> tuple[int, ...]:
-        """``w``'s axes in canonical ``(*stack, *in, *out)`` order."""
-        return self.axes_layout.order
-
-    @property
-    def canonical_axes(self) -> tuple[int, ...]:
-        """For each axis of ``w``, the canonical axis it is (the inverse of
-        :attr:`canonical_order`)."""
-        return self.axes_layout.inverse
-
-    @property
-    def is_canonical(self) -> bool:
-        """Whether ``w`` is already laid out as ``(*stack, *in, *out)``."""
-        return self.axes_layout.is_canonical
-
-    @property
-    def canonical_shape(self) -> tuple[int, ...]:
-        """The kernel's shape in ``(*stack, *in, *out)`` order."""
-        return self.axes_layout.to_canonical(self.shape)
+    roles = property(lambda self: self.axes_layout.roles,
+                     doc="The full layout string, one of ``s``/``i``/``o`` per axis of ``w``.")
+    canonical_order = property(lambda self: self.axes_layout.order,
+                               doc="``w``'s axes in canonical ``(*stack, *in, *out)`` order.")
+    canonical_axes = property(lambda self: self.axes_layout.inverse,
+                              doc="For each axis of ``w``, the canonical axis it is.")
+    is_canonical = property(lambda self: self.axes_layout.is_canonical,
+                            doc="Whether ``w`` is already laid out as ``(*stack, *in, *out)``.")
+    canonical_shape = property(lambda self: self.axes_layout.to_canonical(self.shape),
+                               doc="The kernel's shape in ``(*stack, *in, *out)`` order.")
+    stack_shape = property(lambda self: self.groups(self.shape)[0],
+                           doc="The stack axes (each indexes an independent kernel).")
+    in_shape = property(lambda self: self.groups(self.shape)[1],
+                        doc="The input axes of one (unstacked) kernel.")
+    out_shape = property(lambda self: self.groups(self.shape)[2],
+                         doc="The output axes of one (unstacked) kernel.")
 
     def groups(self, per_axis: Sequence[T]) -> tuple[tuple[T, ...], tuple[T, ...], tuple[T, ...]]:
-        """One entry per axis of ``w`` (a shape, a sharding spec) as canonical
-        ``(stack, in, out)`` groups."""
+        """One entry per axis of ``w`` (a shape, a spec) as canonical ``(stack, in, out)``."""
         return self.axes_layout.groups(self.axes_layout.to_canonical(per_axis))
-
-    @property
-    def stack_shape(self) -> tuple[int, ...]:
-        """The stack axes (each indexes an independent kernel with its own factors)."""
-        return self.groups(self.shape)[0]
-
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        """The input axes of one (unstacked) kernel."""
-        return self.groups(self.shape)[1]
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        """The output axes of one (unstacked) kernel."""
-        return self.groups(self.shape)[2]
 
     def float_w(self) -> Any:
         """``w`` as an array: dequantized when it is a :class:`lorax.QuantizedArray`."""
@@ -136,6 +110,4 @@ class KernelAxes:
 
     def from_canonical(self, x: Any) -> Any:
         """The inverse of :meth:`to_canonical`."""
-        if self.is_canonical:
-            return x
-        return jnp.transpose(x, self.canonical_axes)
+        return x if self.is_canonical else jnp.transpose(x, self.canonical_axes)

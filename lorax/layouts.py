@@ -48,8 +48,7 @@ class Layout:
     roles: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.roles, str) or set(self.roles) - set("sio") or not (
-                "i" in self.roles and "o" in self.roles):
+        if not isinstance(self.roles, str) or not {"i", "o"} <= set(self.roles) <= set("sio"):
             raise ValueError(f"expected a layout of {_ROLES}, got {self.roles!r}")
 
     @classmethod
@@ -66,32 +65,18 @@ class Layout:
                    doc="Canonical numbers of the input axes.")
     outs = property(lambda self: range(self.n_stack + self.n_in, self.ndim),
                     doc="Canonical numbers of the output axes.")
-
-    @property
-    def order(self) -> tuple[int, ...]:
-        """The kernel's axes in canonical order: canonical axis ``c`` is kernel axis
-        ``order[c]``."""
-        return tuple(j for letter in "sio" for j, c in enumerate(self.roles) if c == letter)
-
-    @property
-    def inverse(self) -> tuple[int, ...]:
-        """For each kernel axis, its canonical axis number (the inverse of :attr:`order`)."""
-        return tuple(self.order.index(j) for j in range(self.ndim))
-
-    @property
-    def is_canonical(self) -> bool:
-        """Whether the kernel's axes already are ``(*stack, *in, *out)``."""
-        return self.order == tuple(range(self.ndim))
-
-    @property
-    def stored(self) -> str | None:
-        """What a node's ``layout`` field holds: ``None`` when canonical, else :attr:`roles`."""
-        return None if self.is_canonical else self.roles
-
-    @property
-    def node_fields(self) -> dict[str, Any]:
-        """The ``n_stack``, ``n_in`` and ``layout`` arguments of a node with this layout."""
-        return {"n_stack": self.n_stack, "n_in": self.n_in, "layout": self.stored}
+    order = property(
+        lambda self: tuple(sorted(range(self.ndim), key=lambda j: "sio".index(self.roles[j]))),
+        doc="The kernel's axes in canonical order: canonical axis ``c`` is axis ``order[c]``.")
+    inverse = property(lambda self: tuple(self.order.index(j) for j in range(self.ndim)),
+                       doc="For each kernel axis, its canonical number (inverse of ``order``).")
+    is_canonical = property(lambda self: self.order == tuple(range(self.ndim)),
+                            doc="Whether the kernel's axes already are ``(*stack, *in, *out)``.")
+    stored = property(lambda self: None if self.is_canonical else self.roles,
+                      doc="What a node's ``layout`` field holds: ``None`` when canonical.")
+    node_fields = property(lambda self: {"n_stack": self.n_stack, "n_in": self.n_in,
+                                         "layout": self.stored},
+                           doc="The ``n_stack``, ``n_in`` and ``layout`` arguments of a node.")
 
     def to_canonical(self, per_axis: Sequence[T]) -> tuple[T, ...]:
         """One entry per kernel axis (a shape, a sharding spec) in canonical order."""
@@ -100,9 +85,8 @@ class Layout:
     def groups(self, per_canonical_axis: Sequence[T]
                ) -> tuple[tuple[T, ...], tuple[T, ...], tuple[T, ...]]:
         """One entry per canonical axis split into its ``(stack, in, out)`` groups."""
-        entries = tuple(per_canonical_axis)
-        return tuple(tuple(entries[c] for c in group)  # type: ignore[return-value]
-                     for group in (self.stack, self.ins, self.outs))
+        e, s, i = tuple(per_canonical_axis), self.n_stack, self.n_stack + self.n_in
+        return e[:s], e[s:i], e[i:]
 
     def without(self, axes: Sequence[int]) -> Layout:
         """This layout with the kernel axes ``axes`` dropped (stack axes sliced away)."""

@@ -71,8 +71,8 @@ def _top_svd(w2: jax.Array, rank: int, iters: int | None, key: jax.Array):
 
 def init_factors(w: Any, rank: int, scale: float, layout: Layout, init: str, key: jax.Array,
                  dtype: Any) -> tuple[Any, Any, Any]:
-    """PiSSA factors and residual base for one kernel ``w`` in the canonical order of its
-    ``layout``: ``(a, b, residual)``.
+    """PiSSA factors and residual base for one kernel ``w`` (canonical, as ``layout`` says):
+    ``(a, b, residual)``.
 
     The residual is ``W − s·a·b`` with ``a``, ``b`` as stored (in ``dtype``), computed in
     float32 and cast to ``w``'s dtype, so ``residual + s·a·b`` reproduces ``W`` up to that cast.

@@ -276,14 +276,13 @@ def place_factors(w: Any, a: Any, b: Any, layout: Layout) -> tuple[Any, Any]:
     sharding = getattr(w, "sharding", None)
     if not isinstance(sharding, NamedSharding):
         return a, b
+    a_spec, b_spec = factor_specs(sharding.spec, w.ndim, layout=layout)
     if isinstance(w, jax.ShapeDtypeStruct):
-        a_spec, b_spec = factor_specs(sharding.spec, w.ndim, layout=layout)
         return (
             jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(sharding.mesh, a_spec)),
             jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=NamedSharding(sharding.mesh, b_spec)),
         )
     if isinstance(w, jax.Array) and w.committed:
-        a_spec, b_spec = factor_specs(sharding.spec, w.ndim, layout=layout)
         # Every process computes the same factors (same key), as device_put onto a multi-host
         # sharding requires.
         return (
