@@ -68,7 +68,7 @@ class Layout:
     order = property(
         lambda self: tuple(sorted(range(self.ndim), key=lambda j: "sio".index(self.roles[j]))),
         doc="The kernel's axes in canonical order: canonical axis ``c`` is axis ``order[c]``.")
-    inverse = property(lambda self: tuple(self.order.index(j) for j in range(self.ndim)),
+    inverse = property(lambda self: tuple(sorted(range(self.ndim), key=self.order.__getitem__)),
                        doc="For each kernel axis, its canonical number (inverse of ``order``).")
     is_canonical = property(lambda self: self.order == tuple(range(self.ndim)),
                             doc="Whether the kernel's axes already are ``(*stack, *in, *out)``.")
