@@ -53,8 +53,8 @@ def _multi(node: Any) -> MultiLoRA | None:
             )
         return MultiLoRA(w=node.w, adapters={DEFAULT: Factors(node.a, node.b, node.scale,
                                                               node.rank)},
-                         active=((DEFAULT, 1.0),), n_stack=node.n_stack, n_in=node.n_in,
-                         path=node.path, dropout=node.dropout, layout=node.layout)
+                         active=((DEFAULT, 1.0),), path=node.path, dropout=node.dropout,
+                         **node.axes_layout.node_fields)
     return None
 
 
@@ -108,9 +108,8 @@ def put_adapter(tree: Any, name: str, lora_tree: Any, *, activate: bool = False)
                              "carry an adapter")
         multi = _multi(leaf)
         if multi is None:
-            multi = MultiLoRA(w=leaf, adapters={}, active=(), n_stack=new.n_stack,
-                              n_in=new.n_in, path=new.path, dropout=new.dropout,
-                              layout=new.layout)
+            multi = MultiLoRA(w=leaf, adapters={}, active=(), path=new.path,
+                              dropout=new.dropout, **new.axes_layout.node_fields)
         if (multi.roles, multi.shape) != (new.roles, new.shape):
             raise ValueError(
                 f"adapter {name!r} at {new.path!r} has layout {new.roles!r} of shape "
@@ -187,8 +186,7 @@ def get_adapter(tree: Any, name: str) -> Any:
         if factors is None:
             return multi.w
         return LoRA(w=multi.w, a=factors.a, b=factors.b, scale=factors.scale, rank=factors.rank,
-                    n_stack=multi.n_stack, n_in=multi.n_in, path=multi.path,
-                    dropout=multi.dropout, layout=multi.layout)
+                    path=multi.path, dropout=multi.dropout, **multi.axes_layout.node_fields)
 
     return _map(one, tree)
 

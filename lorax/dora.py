@@ -21,32 +21,37 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lorax.layouts import axis_groups
+from lorax.layouts import Layout
 
 _HIGHEST = lax.Precision.HIGHEST
 
 
-def _canonical(w: Any, n_stack: int, n_in: int) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
-    stack, ins, outs = axis_groups(w.shape, n_stack, n_in)
+def _canonical(w: Any, layout: Layout | int, n_in: int | None
+               ) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+    if not isinstance(layout, Layout):  # the counts (n_stack, n_in), as before Layout
+        layout = Layout.canonical(len(w.shape), layout, n_in)
+    stack, ins, outs = layout.groups(w.shape)
     return stack, math.prod(ins), outs
 
 
-def weight_norm(w: Any, n_stack: int, n_in: int) -> jax.Array:
+def weight_norm(w: Any, layout: Layout | int, n_in: int | None = None) -> jax.Array:
     """The column norms ``||w_j||`` of a kernel ``(*stack, *in, *out)``: shape ``(*stack, *out)``.
 
     This is DoRA's initial magnitude (so a DoRA-wrapped model is unchanged at step 0).
+    ``layout`` and ``n_in`` are as in :func:`adapted_norm`.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> weight_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]), 0, 1)
+        >>> weight_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]), Layout("io"))
         Array([5., 1.], dtype=float32)
     """
-    stack, in_size, outs = _canonical(w, n_stack, n_in)
+    stack, in_size, outs = _canonical(w, layout, n_in)
     w32 = jnp.reshape(jnp.asarray(w, jnp.float32), (*stack, in_size, math.prod(outs)))
     return jnp.reshape(jnp.sqrt(jnp.sum(w32 * w32, axis=-2)), (*stack, *outs))
 
 
-def adapted_norm(w: Any, a: Any, b: Any, scale: float, n_stack: int, n_in: int) -> jax.Array:
+def adapted_norm(w: Any, a: Any, b: Any, scale: float, layout: Layout | int,
+                 n_in: int | None = None) -> jax.Array:
     """``||W + s·A·B||_c`` per output unit, from the factors (no full-size ``A·B``).
 
     Args:
@@ -54,8 +59,9 @@ def adapted_norm(w: Any, a: Any, b: Any, scale: float, n_stack: int, n_in: int) 
         a: ``(*stack, *in, r)``.
         b: ``(*stack, r, *out)``.
         scale: ``s``.
-        n_stack: leading stack axes.
-        n_in: input axes after the stack axes.
+        layout: the kernel's :class:`lorax.layouts.Layout` (``w`` already in its canonical
+            order), or the number of leading stack axes.
+        n_in: with a count ``layout``: the input axes after the stack axes.
 
     Returns:
         A float32 array ``(*stack, *out)`` (not gradient-stopped; callers decide).
@@ -63,10 +69,10 @@ def adapted_norm(w: Any, a: Any, b: Any, scale: float, n_stack: int, n_in: int) 
     Example:
         >>> import jax.numpy as jnp
         >>> w, a, b = jnp.eye(2), jnp.ones((2, 1)), jnp.array([[1.0, 0.0]])
-        >>> adapted_norm(w, a, b, 1.0, 0, 1)  # W + AB = [[2, 0], [1, 1]]
+        >>> adapted_norm(w, a, b, 1.0, Layout("io"))  # W + AB = [[2, 0], [1, 1]]
         Array([2.236068, 1.      ], dtype=float32)
     """
-    stack, in_size, outs = _canonical(w, n_stack, n_in)
+    stack, in_size, outs = _canonical(w, layout, n_in)
     out_size, rank = math.prod(outs), a.shape[-1]
     w32 = jnp.reshape(jnp.asarray(w, jnp.float32), (*stack, in_size, out_size))
     a32 = jnp.reshape(jnp.asarray(a, jnp.float32), (*stack, in_size, rank))

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import jax.numpy as jnp
-import numpy as np
 
-from lorax.layouts import axis_groups, canonical_layout, layout_order
+from lorax.layouts import Layout
 from lorax.quantized import QuantizedArray
 
 T = TypeVar("T")
@@ -75,56 +74,31 @@ class KernelAxes:
         return jnp.dtype(self.w.dtype)
 
     @property
-    def roles(self) -> str:
-        """The full layout string, one of ``s``/``i``/``o`` per axis of ``w``."""
-        if self.layout is not None:
-            return self.layout
-        return canonical_layout(len(self.shape), self.n_stack, self.n_in)
+    def axes_layout(self) -> Layout:
+        """The kernel's :class:`lorax.layouts.Layout` (from ``layout``, else the counts)."""
+        return (Layout(self.layout) if self.layout is not None
+                else Layout.canonical(len(self.shape), self.n_stack, self.n_in))
 
-    @property
-    def canonical_order(self) -> tuple[int, ...]:
-        """``w``'s axes in canonical ``(*stack, *in, *out)`` order."""
-        return layout_order(self.roles)
-
-    @property
-    def canonical_axes(self) -> tuple[int, ...]:
-        """For each axis of ``w``, the canonical axis it is (the inverse of
-        :attr:`canonical_order`)."""
-        return tuple(int(c) for c in np.argsort(self.canonical_order))
-
-    @property
-    def is_canonical(self) -> bool:
-        """Whether ``w`` is already laid out as ``(*stack, *in, *out)``."""
-        return self.canonical_order == tuple(range(len(self.shape)))
-
-    def canonical(self, per_axis: Sequence[T]) -> tuple[T, ...]:
-        """Reorders one entry per axis of ``w`` (a shape, a sharding spec) canonically."""
-        return tuple(per_axis[j] for j in self.canonical_order)
-
-    @property
-    def canonical_shape(self) -> tuple[int, ...]:
-        """The kernel's shape in ``(*stack, *in, *out)`` order."""
-        return self.canonical(self.shape)
+    roles = property(lambda self: self.axes_layout.roles,
+                     doc="The full layout string, one of ``s``/``i``/``o`` per axis of ``w``.")
+    canonical_order = property(lambda self: self.axes_layout.order,
+                               doc="``w``'s axes in canonical ``(*stack, *in, *out)`` order.")
+    canonical_axes = property(lambda self: self.axes_layout.inverse,
+                              doc="For each axis of ``w``, the canonical axis it is.")
+    is_canonical = property(lambda self: self.axes_layout.is_canonical,
+                            doc="Whether ``w`` is already laid out as ``(*stack, *in, *out)``.")
+    canonical_shape = property(lambda self: self.axes_layout.to_canonical(self.shape),
+                               doc="The kernel's shape in ``(*stack, *in, *out)`` order.")
+    stack_shape = property(lambda self: self.groups(self.shape)[0],
+                           doc="The stack axes (each indexes an independent kernel).")
+    in_shape = property(lambda self: self.groups(self.shape)[1],
+                        doc="The input axes of one (unstacked) kernel.")
+    out_shape = property(lambda self: self.groups(self.shape)[2],
+                         doc="The output axes of one (unstacked) kernel.")
 
     def groups(self, per_axis: Sequence[T]) -> tuple[tuple[T, ...], tuple[T, ...], tuple[T, ...]]:
-        """One entry per axis of ``w`` (a shape, a sharding spec) as canonical
-        ``(stack, in, out)`` groups."""
-        return axis_groups(self.canonical(per_axis), self.n_stack, self.n_in)
-
-    @property
-    def stack_shape(self) -> tuple[int, ...]:
-        """The stack axes (each indexes an independent kernel with its own factors)."""
-        return self.groups(self.shape)[0]
-
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        """The input axes of one (unstacked) kernel."""
-        return self.groups(self.shape)[1]
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        """The output axes of one (unstacked) kernel."""
-        return self.groups(self.shape)[2]
+        """One entry per axis of ``w`` (a shape, a spec) as canonical ``(stack, in, out)``."""
+        return self.axes_layout.groups(self.axes_layout.to_canonical(per_axis))
 
     def float_w(self) -> Any:
         """``w`` as an array: dequantized when it is a :class:`lorax.QuantizedArray`."""
@@ -136,6 +110,4 @@ class KernelAxes:
 
     def from_canonical(self, x: Any) -> Any:
         """The inverse of :meth:`to_canonical`."""
-        if self.is_canonical:
-            return x
-        return jnp.transpose(x, self.canonical_axes)
+        return x if self.is_canonical else jnp.transpose(x, self.canonical_axes)

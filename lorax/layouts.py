@@ -10,6 +10,8 @@ defaults :func:`lorax.wrap` uses; :mod:`lorax.infer` reads layouts off a computa
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import numbers
 import re
 from collections.abc import Mapping, Sequence
@@ -20,6 +22,77 @@ from lorax.paths import first_match
 T = TypeVar("T")
 
 
+_ROLES = "'s' (stack), 'i' (input) or 'o' (output), with at least one 'i' and one 'o'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A kernel's layout: one role per axis, ``s`` (stack), ``i`` (input) or ``o`` (output).
+
+    Canonical axis numbers count ``(*stack, *in, *out)``, each group in the kernel's own axis
+    order; the factors are ``a: (*stack, *in, r)``, ``b: (*stack, r, *out)``.
+
+    Raises:
+        ValueError: for letters other than s/i/o, or no ``i`` or no ``o``.
+
+    Example:
+        >>> lay = Layout("oio")  # Gemma's q_einsum (heads, d_model, head_dim)
+        >>> lay.order, lay.inverse, lay.stored, Layout.canonical(3, 1, 1).stored
+        ((1, 0, 2), (1, 0, 2), 'oio', None)
+        >>> lay.groups(lay.to_canonical((8, 64, 16))), lay.outs
+        (((), (64,), (8, 16)), range(1, 3))
+        >>> Layout("soio").without((0,)), Layout("sio").node_fields
+        (Layout(roles='oio'), {'n_stack': 1, 'n_in': 1, 'layout': None})
+    """
+
+    roles: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.roles, str) or not {"i", "o"} <= set(self.roles) <= set("sio"):
+            raise ValueError(f"expected a layout of {_ROLES}, got {self.roles!r}")
+
+    @classmethod
+    def canonical(cls, ndim: int, n_stack: int, n_in: int) -> Layout:
+        """The layout of a kernel whose axes are ``(*stack, *in, *out)`` in that order."""
+        return cls(canonical_layout(ndim, n_stack, n_in))
+
+    ndim = property(lambda self: len(self.roles), doc="The kernel's number of axes.")
+    n_stack = property(lambda self: self.roles.count("s"), doc="How many axes are stack axes.")
+    n_in = property(lambda self: self.roles.count("i"), doc="How many axes are input axes.")
+    n_out = property(lambda self: self.roles.count("o"), doc="How many axes are output axes.")
+    stack = property(lambda self: range(self.n_stack), doc="Canonical numbers of the stack axes.")
+    ins = property(lambda self: range(self.n_stack, self.n_stack + self.n_in),
+                   doc="Canonical numbers of the input axes.")
+    outs = property(lambda self: range(self.n_stack + self.n_in, self.ndim),
+                    doc="Canonical numbers of the output axes.")
+    order = property(
+        lambda self: tuple(sorted(range(self.ndim), key=lambda j: "sio".index(self.roles[j]))),
+        doc="The kernel's axes in canonical order: canonical axis ``c`` is axis ``order[c]``.")
+    inverse = property(lambda self: tuple(sorted(range(self.ndim), key=self.order.__getitem__)),
+                       doc="For each kernel axis, its canonical number (inverse of ``order``).")
+    is_canonical = property(lambda self: self.order == tuple(range(self.ndim)),
+                            doc="Whether the kernel's axes already are ``(*stack, *in, *out)``.")
+    stored = property(lambda self: None if self.is_canonical else self.roles,
+                      doc="What a node's ``layout`` field holds: ``None`` when canonical.")
+    node_fields = property(lambda self: {"n_stack": self.n_stack, "n_in": self.n_in,
+                                         "layout": self.stored},
+                           doc="The ``n_stack``, ``n_in`` and ``layout`` arguments of a node.")
+
+    def to_canonical(self, per_axis: Sequence[T]) -> tuple[T, ...]:
+        """One entry per kernel axis (a shape, a sharding spec) in canonical order."""
+        return tuple(per_axis[j] for j in self.order)
+
+    def groups(self, per_canonical_axis: Sequence[T]
+               ) -> tuple[tuple[T, ...], tuple[T, ...], tuple[T, ...]]:
+        """One entry per canonical axis split into its ``(stack, in, out)`` groups."""
+        e, s, i = tuple(per_canonical_axis), self.n_stack, self.n_stack + self.n_in
+        return e[:s], e[s:i], e[i:]
+
+    def without(self, axes: Sequence[int]) -> Layout:
+        """This layout with the kernel axes ``axes`` dropped (stack axes sliced away)."""
+        return Layout("".join(r for j, r in enumerate(self.roles) if j not in axes))
+
+
 def canonical_layout(ndim: int, n_stack: int, n_in: int) -> str:
     """The layout string of a kernel whose axes are ``(*stack, *in, *out)`` in that order.
 
@@ -28,29 +101,6 @@ def canonical_layout(ndim: int, n_stack: int, n_in: int) -> str:
         'sio'
     """
     return "s" * n_stack + "i" * n_in + "o" * (ndim - n_stack - n_in)
-
-
-def axis_groups(per_axis: Sequence[T], n_stack: int, n_in: int
-                ) -> tuple[tuple[T, ...], tuple[T, ...], tuple[T, ...]]:
-    """Splits one entry per canonical axis (a shape, a sharding spec) into its
-    ``(stack, in, out)`` groups.
-
-    Example:
-        >>> axis_groups((12, 64, 8, 256), 1, 2)
-        ((12,), (64, 8), (256,))
-    """
-    per_axis = tuple(per_axis)
-    return per_axis[:n_stack], per_axis[n_stack:n_stack + n_in], per_axis[n_stack + n_in:]
-
-
-def layout_order(layout: str) -> tuple[int, ...]:
-    """A kernel's axes in canonical ``(*stack, *in, *out)`` order, given its layout string.
-
-    Example:
-        >>> layout_order("oio")  # Gemma's q_einsum (heads, d_model, head_dim)
-        (1, 0, 2)
-    """
-    return tuple(j for letter in "sio" for j, c in enumerate(layout) if c == letter)
 
 
 # Flax attention projections (Linen MultiHeadDotProductAttention, NNX MultiHeadAttention) keep
@@ -133,16 +183,6 @@ def _name_layout(path: str, shape: tuple[int, ...]) -> str:
     return canonical_layout(ndim, 0, default_in_axes(path, ndim))
 
 
-def stored_layout(layout: str) -> str | None:
-    """What a node's ``layout`` field holds: ``None`` when the axes are already canonical.
-
-    Example:
-        >>> stored_layout("sio"), stored_layout("oio")
-        (None, 'oio')
-    """
-    return None if layout_order(layout) == tuple(range(len(layout))) else layout
-
-
 def check_layout(layout: Any, shape: tuple[int, ...], path: str) -> str:
     """Validates an ``axes`` layout string for a kernel of ``shape``.
 
@@ -154,15 +194,14 @@ def check_layout(layout: Any, shape: tuple[int, ...], path: str) -> str:
         raise TypeError(f"expected `axes` to hold layout strings such as 'oio', got "
                         f"{type(layout).__name__} {layout!r} at {path!r}")
     roles = layout.replace(" ", "")
-    if len(roles) != len(shape) or set(roles) - set("sio") or "i" not in roles or (
-            "o" not in roles):
-        hint = (" (a stack of layers is one more 's': axes=lorax.infer_axes(fn, params, *args) "
-                "reads every kernel's layout off the model)" if len(roles) < len(shape) else "")
-        raise ValueError(
-            f"expected `axes` to give one letter per axis of the kernel of shape {list(shape)}: "
-            "'s' (stack), 'i' (input) or 'o' (output), with at least one 'i' and one 'o'; got "
-            f"{layout!r} at {path!r}{hint}")
-    return roles
+    with contextlib.suppress(ValueError):  # Layout checks the letters
+        if Layout(roles).ndim == len(shape):
+            return roles
+    hint = (" (a stack of layers is one more 's': axes=lorax.infer_axes(fn, params, *args) "
+            "reads every kernel's layout off the model)" if len(roles) < len(shape) else "")
+    raise ValueError(
+        f"expected `axes` to give one letter per axis of the kernel of shape {list(shape)}: "
+        f"{_ROLES}; got {layout!r} at {path!r}{hint}")
 
 
 def stack_hint(path: str, shape: tuple[int, ...], layout: str) -> str:

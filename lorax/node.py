@@ -102,11 +102,9 @@ class LoRA(KernelAxes):
 
         This costs a full-size array: it is for merging and analysis, never for training.
         """
-        stack = self.stack_shape
-        in_size = math.prod(self.in_shape)
-        out_size = math.prod(self.out_shape)
-        a = jnp.reshape(self.a, (*stack, in_size, self.rank)).astype(dtype)
-        b = jnp.reshape(self.b, (*stack, self.rank, out_size)).astype(dtype)
+        stack, ins, outs = self.groups(self.shape)
+        a = jnp.reshape(self.a, (*stack, math.prod(ins), self.rank)).astype(dtype)
+        b = jnp.reshape(self.b, (*stack, self.rank, math.prod(outs))).astype(dtype)
         delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
         delta = jnp.reshape(delta * jnp.asarray(self.scale, dtype), self.canonical_shape)
         return self.from_canonical(delta)
@@ -124,7 +122,7 @@ class LoRA(KernelAxes):
         if self.magnitude is None:
             raise ValueError(f"the LoRA node at {self.path!r} has no DoRA magnitude")
         norm = dora.adapted_norm(self.to_canonical(self.float_w()), self.a, self.b, self.scale,
-                                 self.n_stack, self.n_in)
+                                 self.axes_layout)
         return dora.factor(self.magnitude, norm)
 
     def merged(self) -> jax.Array:

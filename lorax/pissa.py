@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax.layouts import axis_groups
+from lorax.layouts import Layout
 from lorax.node import LoRA, is_lora, is_node
 from lorax.paths import paired_leaves
 
@@ -69,9 +69,10 @@ def _top_svd(w2: jax.Array, rank: int, iters: int | None, key: jax.Array):
     return (q @ u_small)[..., :rank], s[..., :rank], vt[..., :rank, :]
 
 
-def init_factors(w: Any, rank: int, scale: float, n_stack: int, n_in: int, init: str,
-                 key: jax.Array, dtype: Any) -> tuple[Any, Any, Any]:
-    """PiSSA factors and residual base for one kernel: ``(a, b, residual)``.
+def init_factors(w: Any, rank: int, scale: float, layout: Layout, init: str, key: jax.Array,
+                 dtype: Any) -> tuple[Any, Any, Any]:
+    """PiSSA factors and residual base for one kernel ``w`` (canonical, as ``layout`` says):
+    ``(a, b, residual)``.
 
     The residual is ``W − s·a·b`` with ``a``, ``b`` as stored (in ``dtype``), computed in
     float32 and cast to ``w``'s dtype, so ``residual + s·a·b`` reproduces ``W`` up to that cast.
@@ -79,14 +80,14 @@ def init_factors(w: Any, rank: int, scale: float, n_stack: int, n_in: int, init:
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> w = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
-        >>> a, b, res = init_factors(w, 1, 1.0, 0, 1, "pissa", jax.random.key(0), jnp.float32)
+        >>> w, key = jnp.diag(jnp.array([3.0, 2.0, 1.0])), jax.random.key(0)
+        >>> a, b, res = init_factors(w, 1, 1.0, Layout("io"), "pissa", key, jnp.float32)
         >>> top_moved = jnp.diag(jnp.array([0.0, 2.0, 1.0]))  # the top direction is in a @ b
         >>> bool(jnp.allclose(res, top_moved, rtol=0, atol=64 * jnp.finfo(w.dtype).eps * 3))
         True
     """
     shape = tuple(w.shape)
-    stack, ins, outs = axis_groups(shape, n_stack, n_in)
+    stack, ins, outs = layout.groups(shape)
     a_shape, b_shape = (*stack, *ins, rank), (*stack, rank, *outs)
     if isinstance(w, jax.ShapeDtypeStruct):
         return (jax.ShapeDtypeStruct(a_shape, dtype), jax.ShapeDtypeStruct(b_shape, dtype),

@@ -37,7 +37,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lorax.layouts import axis_groups, layout_order
+from lorax.layouts import Layout
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_adapted, is_array_like, is_node
 from lorax.paths import path_str
 
@@ -61,7 +61,7 @@ def factor_specs(
     *,
     n_stack: int = 0,
     n_in: int | None = None,
-    layout: str | None = None,
+    layout: str | Layout | None = None,
 ) -> tuple[PartitionSpec, PartitionSpec]:
     """The ``(a_spec, b_spec)`` of the factors of a kernel partitioned by ``spec``.
 
@@ -72,8 +72,8 @@ def factor_specs(
         n_stack: with an int ``node_or_ndim``: leading stacked (``nn.scan``) axes.
         n_in: with an int ``node_or_ndim``: input axes after the stack; default all but the last
             (check it against the node for attention q/k/v kernels, where lorax uses 1).
-        layout: with an int ``node_or_ndim``: the kernel's layout string (``s``/``i``/``o`` per
-            axis, see :class:`lorax.kernel_axes.KernelAxes`), for axes in any order; it overrides
+        layout: with an int ``node_or_ndim``: the kernel's layout (a string of ``s``/``i``/``o``
+            per axis or a :class:`lorax.layouts.Layout`), for axes in any order; it overrides
             ``n_stack``/``n_in``.
 
     Returns:
@@ -94,22 +94,20 @@ def factor_specs(
     """
     if is_adapted(node_or_ndim):
         node = node_or_ndim
-        ndim, n_stack, n_in, where = len(node.shape), node.n_stack, node.n_in, f" at {node.path!r}"
-        layout = node.roles
+        ndim, where, layout = len(node.shape), f" at {node.path!r}", node.axes_layout
     else:
         ndim, where = int(node_or_ndim), ""
-        if layout is not None:
-            n_stack, n_in = layout.count("s"), layout.count("i")
-        n_in = ndim - n_stack - 1 if n_in is None else n_in
-    if not (n_stack >= 0 and n_in >= 1 and n_stack + n_in < ndim):
-        raise ValueError(
-            f"expected n_stack >= 0, n_in >= 1 and n_stack + n_in < ndim, got n_stack={n_stack}, "
-            f"n_in={n_in}, ndim={ndim}{where}"
-        )
-    entries = _padded(spec, ndim, where)
-    if layout is not None:
-        entries = tuple(entries[j] for j in layout_order(layout))
-    stack, ins, outs = axis_groups(entries, n_stack, n_in)
+        if layout is None:
+            n_in = ndim - n_stack - 1 if n_in is None else n_in
+            if not (n_stack >= 0 and n_in >= 1 and n_stack + n_in < ndim):
+                raise ValueError(
+                    f"expected n_stack >= 0, n_in >= 1 and n_stack + n_in < ndim, got "
+                    f"n_stack={n_stack}, n_in={n_in}, ndim={ndim}")
+            layout = Layout.canonical(ndim, n_stack, n_in)
+        layout = layout if isinstance(layout, Layout) else Layout(layout)
+    if layout.ndim != ndim:
+        raise ValueError(f"expected a layout of {ndim} axes, got {layout.roles!r}{where}")
+    stack, ins, outs = layout.groups(layout.to_canonical(_padded(spec, ndim, where)))
     return PartitionSpec(*stack, *ins, None), PartitionSpec(*stack, None, *outs)
 
 
@@ -255,9 +253,9 @@ def shardings(tree: Any, base_specs: Any, mesh: Mesh, *, rules: Rules | None = N
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
 
-def place_factors(w: Any, a: Any, b: Any, n_stack: int, n_in: int,
-                  layout: str | None = None) -> tuple[Any, Any]:
-    """Puts fresh factors where ``w`` is: on the factor shardings of ``w``'s ``NamedSharding``.
+def place_factors(w: Any, a: Any, b: Any, layout: Layout) -> tuple[Any, Any]:
+    """Puts fresh factors where ``w`` (laid out as ``layout``) is: on the factor shardings of
+    ``w``'s ``NamedSharding``.
 
     A committed ``jax.Array`` ``w`` gets ``device_put`` factors; a ``jax.ShapeDtypeStruct``
     with a ``NamedSharding`` gets abstract factors carrying theirs. Anything else (unsharded
@@ -269,7 +267,7 @@ def place_factors(w: Any, a: Any, b: Any, n_stack: int, n_in: int,
         >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
         >>> w = jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(mesh, P("model")))
         >>> a, b = place_factors(w, jax.ShapeDtypeStruct((8, 2), jnp.float32),
-        ...                      jax.ShapeDtypeStruct((2, 4), jnp.float32), 0, 1)
+        ...                      jax.ShapeDtypeStruct((2, 4), jnp.float32), Layout("io"))
         >>> a.sharding.spec, b.sharding.spec
         (P('model', None), P(None, None))
     """
@@ -278,16 +276,13 @@ def place_factors(w: Any, a: Any, b: Any, n_stack: int, n_in: int,
     sharding = getattr(w, "sharding", None)
     if not isinstance(sharding, NamedSharding):
         return a, b
+    a_spec, b_spec = factor_specs(sharding.spec, w.ndim, layout=layout)
     if isinstance(w, jax.ShapeDtypeStruct):
-        a_spec, b_spec = factor_specs(sharding.spec, w.ndim, n_stack=n_stack, n_in=n_in,
-                                      layout=layout)
         return (
             jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(sharding.mesh, a_spec)),
             jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=NamedSharding(sharding.mesh, b_spec)),
         )
     if isinstance(w, jax.Array) and w.committed:
-        a_spec, b_spec = factor_specs(sharding.spec, w.ndim, n_stack=n_stack, n_in=n_in,
-                                      layout=layout)
         # Every process computes the same factors (same key), as device_put onto a multi-host
         # sharding requires.
         return (

@@ -14,12 +14,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lorax import pissa
 from lorax.config import LoRAConfig
 from lorax.dora import adapted_norm
-from lorax.layouts import axis_groups, layout_order, stack_hint, stored_layout
+from lorax.layouts import Layout, stack_hint
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node, unbox
 from lorax.paths import Selector, path_str
 from lorax.selection import select
@@ -27,11 +26,11 @@ from lorax.sharding import place_factors
 from lorax.stacks import named_leaves, stack_axes
 
 
-def _init_factors(shape: tuple[int, ...], w: Any, rank: int, n_stack: int, n_in: int, init: str,
-                  key, dtype):
+def _init_factors(shape: tuple[int, ...], w: Any, rank: int, layout: Layout, init: str, key,
+                  dtype):
     """Fresh ``a``, ``b`` for a kernel whose canonical ``(*stack, *in, *out)`` shape is
     ``shape`` (abstract when ``w`` is)."""
-    stack, ins, outs = axis_groups(shape, n_stack, n_in)
+    stack, ins, outs = layout.groups(shape)
     a_shape, b_shape = (*stack, *ins, rank), (*stack, rank, *outs)
     if isinstance(w, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(a_shape, dtype), jax.ShapeDtypeStruct(b_shape, dtype)
@@ -217,36 +216,32 @@ def adapt(path: str, w: Any, config: LoRAConfig, stack: tuple[int, ...] | None =
         >>> node.layout, node.a.shape, node.b.shape  # Gemma's (heads, d, head_dim)
         ('oio', (32, 2), (2, 4, 8))
     """
-    layout = config.layout_at(path, w, stack)
-    n_stack, n_in = layout.count("s"), layout.count("i")
-    order = layout_order(layout)
-    canonical = tuple(w.shape[j] for j in order)
+    layout = Layout(config.layout_at(path, w, stack))
+    canonical = layout.to_canonical(w.shape)
     # A rank above min(in, out) is allowed, as in PEFT: a (in, r) and b (r, out) stay well
     # defined (a Dense(1) head at the default rank 8 just has a redundant adapter).
     r = config.rank_at(path)
-    _, ins, outs = axis_groups(canonical, n_stack, n_in)
+    _, ins, outs = layout.groups(canonical)
     if config.residual and r > min(math.prod(ins), math.prod(outs)):
         raise ValueError(
             f"expected `rank` <= min(in, out) = min({math.prod(ins)}, {math.prod(outs)}) with "
             f"init={config.init!r} (the top-r singular directions of W), got {r} at {path!r} "
-            f"(layout {layout!r})" + (stack_hint(path, tuple(w.shape), layout) or ""))
+            f"(layout {layout.roles!r})" + (stack_hint(path, tuple(w.shape), layout.roles) or ""))
     scale = config.scale_at(path, r)
     dtype = config.factor_dtype(w)
-    stored = stored_layout(layout)  # canonical kernels keep the compact form
     # PiSSA and DoRA work on the canonical (*stack, *in, *out) view of w.
-    w_c = w if stored is None or not (config.residual or config.dora) else _transposed(w, order)
+    moved = not layout.is_canonical and (config.residual or config.dora)
+    w_c = _transposed(w, layout.order) if moved else w
     if config.residual:  # PiSSA: w becomes the residual W - s·a·b
-        a, b, w_c = pissa.init_factors(w_c, r, scale, n_stack, n_in, config.init,
-                                       config.key_at(path), dtype)
-        w = w_c if stored is None else _transposed(w_c, tuple(np.argsort(order)))
+        a, b, w_c = pissa.init_factors(w_c, r, scale, layout, config.init, config.key_at(path),
+                                       dtype)
+        w = _transposed(w_c, layout.inverse) if moved else w_c
     else:
-        a, b = _init_factors(canonical, w, r, n_stack, n_in, config.init, config.key_at(path),
-                             dtype)
-    a, b = place_factors(w, a, b, n_stack, n_in, layout)  # on w's NamedSharding, if it has one
-    magnitude = _dora_magnitude(w_c, a, b, scale, n_stack, n_in, dtype) if config.dora else None
-    return LoRA(w=w, a=a, b=b, magnitude=magnitude, scale=scale, rank=r, n_stack=n_stack,
-                n_in=n_in, path=path, dropout=config.dropout, residual=config.residual,
-                layout=stored)
+        a, b = _init_factors(canonical, w, r, layout, config.init, config.key_at(path), dtype)
+    a, b = place_factors(w, a, b, layout)  # on w's NamedSharding, if it has one
+    magnitude = _dora_magnitude(w_c, a, b, scale, layout, dtype) if config.dora else None
+    return LoRA(w=w, a=a, b=b, magnitude=magnitude, scale=scale, rank=r, path=path,
+                dropout=config.dropout, residual=config.residual, **layout.node_fields)
 
 
 def _transposed(w: Any, order: tuple[int, ...]) -> Any:
@@ -255,14 +250,14 @@ def _transposed(w: Any, order: tuple[int, ...]) -> Any:
     return jnp.transpose(w, order)
 
 
-def _dora_magnitude(w, a, b, scale, n_stack, n_in, dtype):
+def _dora_magnitude(w, a, b, scale, layout, dtype):
     # ||w + s·a·b||_c, so m / ||.||_c = 1 and the model is unchanged at step 0; kept in at
     # least float32 (a bf16 magnitude would move the model by its rounding at step 0).
     dtype = jnp.promote_types(dtype, jnp.float32)
-    shape = (*w.shape[:n_stack], *w.shape[n_stack + n_in :])
+    stack, _, outs = layout.groups(w.shape)
     if isinstance(w, jax.ShapeDtypeStruct) or isinstance(a, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(shape, dtype)
-    return adapted_norm(w, a, b, scale, n_stack, n_in).astype(dtype)
+        return jax.ShapeDtypeStruct((*stack, *outs), dtype)
+    return adapted_norm(w, a, b, scale, layout).astype(dtype)
 
 
 def unwrap(tree: Any) -> Any:

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 import lorax
 import lorax.checkpoint
 import lorax.peft
+from lorax.layouts import Layout
 
 N, K, D, H = 4, 2, 16, 8
 
@@ -119,3 +120,59 @@ def test_factor_shardings_follow_the_layout():
     assert node.b.sharding.spec == jax.sharding.PartitionSpec(None, "heads", None)
     specs = lorax.partition_specs({"q_einsum": {"w": node}}, {"q_einsum": {"w": spec}})
     assert specs["q_einsum"]["w"].b == jax.sharding.PartitionSpec(None, "heads", None)
+
+
+# ----------------------------------------------------------------------------- Layout
+
+ROLES = ["io", "oi", "iio", "oio", "sio", "soio", "isoo", "oiso", "ssoio", "osi"]
+
+
+@pytest.mark.parametrize("roles", ROLES)
+def test_layout_algebra_matches_numpy(roles):
+    lay = Layout(roles)
+    shape = (2, 3, 5, 7, 11)[:len(roles)]  # distinct sizes: every axis is recognisable
+    rank = ["sio".index(c) for c in roles]
+    order = tuple(int(j) for j in np.argsort(rank, kind="stable"))
+    assert lay.order == order
+    assert lay.inverse == tuple(int(j) for j in np.argsort(order))
+    x = np.arange(np.prod(shape)).reshape(shape)
+    assert np.transpose(x, lay.order).shape == lay.to_canonical(shape)
+    np.testing.assert_array_equal(np.transpose(np.transpose(x, lay.order), lay.inverse), x)
+    want = tuple(tuple(n for n, c in zip(shape, roles, strict=True) if c == g) for g in "sio")
+    assert lay.groups(lay.to_canonical(shape)) == want
+    assert tuple(map(len, want)) == (lay.n_stack, lay.n_in, lay.n_out)
+    assert [*lay.stack, *lay.ins, *lay.outs] == list(range(len(roles)))
+    canonical = "".join(sorted(roles, key="sio".index))
+    assert lay.is_canonical == (roles == canonical)
+    assert lay.stored == (None if roles == canonical else roles)
+    assert Layout.canonical(lay.ndim, lay.n_stack, lay.n_in) == Layout(canonical)
+    assert lay.node_fields == {"n_stack": lay.n_stack, "n_in": lay.n_in, "layout": lay.stored}
+    stack_axes = tuple(j for j, c in enumerate(roles) if c == "s")
+    assert lay.without(stack_axes) == Layout(roles.replace("s", ""))
+    assert len({lay, Layout(roles)}) == 1  # hashable, equal by roles
+
+
+@pytest.mark.parametrize("roles", ["", "ii", "oo", "sss", "iox", "i o", 3, None])
+def test_layout_rejects_roles_without_an_input_and_an_output(roles):
+    with pytest.raises(ValueError, match=r"'s' \(stack\), 'i' \(input\) or 'o' \(output\)"):
+        Layout(roles)
+
+
+def test_node_axes_layout_agrees_with_its_arrays():
+    for node in lora_nodes(lorax.wrap(_params(), rank=2)):
+        lay = node.axes_layout
+        assert lay == Layout(node.roles) and lay.stored == node.layout
+        assert np.transpose(np.asarray(node.w), lay.order).shape == node.canonical_shape
+        stack, ins, outs = node.groups(node.shape)
+        assert (node.a.shape, node.b.shape) == ((*stack, *ins, 2), (*stack, 2, *outs))
+
+
+def test_adapted_norm_takes_a_layout_or_the_counts():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)  # canonical: stack 3, in (4, 5)
+    a, b = rng.standard_normal((3, 4, 5, 2)), rng.standard_normal((3, 2, 6))
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    v = w + 0.5 * np.einsum("sijr,sro->sijo", a, b)
+    want = np.sqrt((v.astype(np.float64) ** 2).sum((1, 2)))
+    for args in ((Layout("isio"),), (1, 2)):  # w is canonical: (*stack, *in, *out)
+        assert_close(lorax.dora.adapted_norm(w, a, b, 0.5, *args), want)

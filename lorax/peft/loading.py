@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax.layouts import axis_groups, layout_order, stored_layout
+from lorax.layouts import Layout
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node
 from lorax.paths import listing, path_str
 from lorax.peft.config import module_to_save_matches, rank_and_scale, read_config
@@ -221,15 +221,14 @@ def _nodes(directory: Path, config: dict[str, Any], factors: dict[str, _Sides], 
         slot = slots.by_module[module]
         layout = _module_layout(module, slot)
         layer = _module_factors(directory, config, module, sides, slot, layout, use_dora)
-        if layout.count("s"):
+        if layout.n_stack:
             stacked.setdefault(slot.path, (slot, []))[1].append(layer)
             continue
         nodes[slot.path] = LoRA(
             w=slot.leaf, a=_as_factor(layer.a, dtype), b=_as_factor(layer.b, dtype),
-            scale=layer.scale, rank=layer.rank, n_stack=0, n_in=layout.count("i"),
-            path=slot.path, dropout=dropout,
+            scale=layer.scale, rank=layer.rank, path=slot.path, dropout=dropout,
             magnitude=None if layer.magnitude is None else jnp.asarray(layer.magnitude),
-            layout=stored_layout(layout),
+            **layout.node_fields,
         )
     for path, (slot, layers) in stacked.items():
         nodes[path] = _stack_layers(path, slot, layers, dropout, dtype)
@@ -252,13 +251,13 @@ def _check_pair(directory: Path, sides: _Sides) -> None:
             )
 
 
-def _module_layout(module: str, slot: _Slot) -> str:
+def _module_layout(module: str, slot: _Slot) -> Layout:
     """The layout of the module's Flax kernel, with at most one stack axis."""
     try:
-        layout = kernel_layout(slot.target, slot.path, tuple(slot.leaf.shape))
+        layout = Layout(kernel_layout(slot.target, slot.path, tuple(slot.leaf.shape)))
     except ValueError:
-        layout = ""
-    if not layout or layout.count("s") > 1:
+        layout = None
+    if layout is None or layout.n_stack > 1:
         raise ValueError(
             f"module {module!r}: the Flax leaf {slot.path!r} of shape {list(slot.leaf.shape)} is "
             "not a kernel with input and output axes"
@@ -267,14 +266,12 @@ def _module_layout(module: str, slot: _Slot) -> str:
 
 
 def _module_factors(directory: Path, config: dict[str, Any], module: str, sides: _Sides,
-                    slot: _Slot, layout: str, use_dora: bool) -> _Layer:
+                    slot: _Slot, layout: Layout, use_dora: bool) -> _Layer:
     """The module's PEFT factors ``(r, in)``/``(out, r)``, checked against the config's rank,
     reshaped to the kernel's canonical ``(*in, r)``/``(r, *out)``."""
     (key_a, A), (key_b, B) = sides["A"], sides["B"]
     shape = tuple(slot.leaf.shape)
-    n_stack, n_in = layout.count("s"), layout.count("i")
-    canonical = tuple(shape[j] for j in layout_order(layout))
-    _, in_shape, out_shape = axis_groups(canonical, n_stack, n_in)
+    _, in_shape, out_shape = layout.groups(layout.to_canonical(shape))
     rank, scale = rank_and_scale(config, module)
     for key, array, expected in (
         (key_a, A, (rank, math.prod(in_shape))),
@@ -284,7 +281,7 @@ def _module_factors(directory: Path, config: dict[str, Any], module: str, sides:
             raise ValueError(
                 f"tensor {key!r} has shape {list(array.shape)}, expected {list(expected)} "
                 f"(r={rank} from {CONFIG_NAME}; Flax kernel {slot.path!r} of shape "
-                f"{list(shape)} with n_in={n_in})"
+                f"{list(shape)} with n_in={layout.n_in})"
             )
     magnitude = _magnitude(directory, module, sides, use_dora, out_shape,
                            is_embedding(slot.target, slot.path))
@@ -341,11 +338,10 @@ def _stack_layers(path: str, slot: _Slot, layers: list[_Layer], dropout: float, 
             f"the layers of the stacked kernel {path!r} have ranks {sorted(ranks)} and scales "
             f"{sorted(scales)}; a stacked LoRA node needs one rank and one scale"
         )
-    layout = kernel_layout(slot.target, path, tuple(slot.leaf.shape))
+    layout = Layout(kernel_layout(slot.target, path, tuple(slot.leaf.shape)))
     a = np.stack([layer.a for layer in layers])
     b = np.stack([layer.b for layer in layers])
     m = (None if layers[0].magnitude is None
          else jnp.asarray(np.stack([layer.magnitude for layer in layers])))
     return LoRA(w=slot.leaf, a=_as_factor(a, dtype), b=_as_factor(b, dtype), scale=scales.pop(),
-                rank=ranks.pop(), n_stack=1, n_in=layout.count("i"), path=path, dropout=dropout,
-                magnitude=m, layout=stored_layout(layout))
+                rank=ranks.pop(), path=path, dropout=dropout, magnitude=m, **layout.node_fields)

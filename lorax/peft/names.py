@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lorax.layouts import canonical_layout, check_layout, default_in_axes, default_layout
+from lorax.layouts import Layout, canonical_layout, check_layout, default_in_axes, default_layout
 from lorax.paths import is_kernel_path, leaf_name
 
 PREFIX = "base_model.model."
@@ -172,7 +172,7 @@ def kernel_layout(target: TorchParam, path: str, shape: tuple[int, ...]) -> str:
         return check_layout(target.layout, shape, path)
     if target.n_in is None:
         layout = default_layout(path, shape)
-        if layout.count("s") == n_stack:
+        if Layout(layout).n_stack == n_stack:
             return layout
     return canonical_layout(len(shape), n_stack, kernel_n_in(target, path, len(shape) - n_stack))
 

@@ -194,8 +194,7 @@ def _adapters_of(path: str, node: LoRA, target: TorchParam | None, use_rslora: b
     """The LoRA node at ``path`` as one :class:`_Adapter` per PyTorch module (per layer of a
     stacked kernel)."""
     _check_lora_target(path, node, target)
-    layers = math.prod(node.stack_shape)
-    in_size, out_size = math.prod(node.in_shape), math.prod(node.out_shape)
+    layers, in_size, out_size = map(math.prod, node.groups(node.shape))
     a = np.asarray(node.a).reshape(layers, in_size, node.rank)
     b = np.asarray(node.b).reshape(layers, node.rank, out_size)
     alpha = alpha_of(float(node.scale), node.rank, use_rslora)
