@@ -27,7 +27,7 @@ from jax import lax
 from jax.extend.core import Literal
 
 from lorax import compat, infer, routing, staging
-from lorax.layouts import canonical_layout
+from lorax.layouts import Layout
 from lorax.lora_value import LayoutError, LoRAValue, concrete
 from lorax.node import LoRA, is_adapted, is_node, unbox
 from lorax.primitive_table import lookup
@@ -145,9 +145,9 @@ def _old_form(fixes: dict[str, str]) -> str:
     """The ``stacked=``/``in_axes=`` arguments that say the same as ``fixes``, when they can."""
     stacked, in_axes = {}, {}
     for key, layout in fixes.items():
-        s = layout.count("s")
-        n_in = layout.count("i")
-        if layout != canonical_layout(len(layout), s, n_in):
+        lay = Layout.of(layout)
+        s, n_in = lay.n_stack, lay.n_in
+        if not lay.is_canonical:
             return ""
         if s:
             stacked[key] = s

@@ -76,7 +76,7 @@ class KernelAxes:
     @property
     def axes_layout(self) -> Layout:
         """The kernel's :class:`lorax.layouts.Layout` (from ``layout``, else the counts)."""
-        return (Layout(self.layout) if self.layout is not None
+        return (Layout.of(self.layout) if self.layout is not None
                 else Layout.canonical(len(self.shape), self.n_stack, self.n_in))
 
     roles = property(lambda self: self.axes_layout.roles,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import numbers
 import re
 from collections.abc import Mapping, Sequence
@@ -51,10 +52,16 @@ class Layout:
         if not isinstance(self.roles, str) or not {"i", "o"} <= set(self.roles) <= set("sio"):
             raise ValueError(f"expected a layout of {_ROLES}, got {self.roles!r}")
 
-    @classmethod
-    def canonical(cls, ndim: int, n_stack: int, n_in: int) -> Layout:
+    @staticmethod
+    @functools.cache
+    def of(roles: str) -> Layout:
+        """``Layout(roles)``, one shared value per roles string (its views computed once)."""
+        return Layout(roles)
+
+    @staticmethod
+    def canonical(ndim: int, n_stack: int, n_in: int) -> Layout:
         """The layout of a kernel whose axes are ``(*stack, *in, *out)`` in that order."""
-        return cls(canonical_layout(ndim, n_stack, n_in))
+        return Layout.of(canonical_layout(ndim, n_stack, n_in))
 
     ndim = property(lambda self: len(self.roles), doc="The kernel's number of axes.")
     n_stack = property(lambda self: self.roles.count("s"), doc="How many axes are stack axes.")
@@ -65,13 +72,26 @@ class Layout:
                    doc="Canonical numbers of the input axes.")
     outs = property(lambda self: range(self.n_stack + self.n_in, self.ndim),
                     doc="Canonical numbers of the output axes.")
-    order = property(
-        lambda self: tuple(sorted(range(self.ndim), key=lambda j: "sio".index(self.roles[j]))),
-        doc="The kernel's axes in canonical order: canonical axis ``c`` is axis ``order[c]``.")
-    inverse = property(lambda self: tuple(sorted(range(self.ndim), key=self.order.__getitem__)),
-                       doc="For each kernel axis, its canonical number (inverse of ``order``).")
-    is_canonical = property(lambda self: self.order == tuple(range(self.ndim)),
-                            doc="Whether the kernel's axes already are ``(*stack, *in, *out)``.")
+    @functools.cached_property
+    def order(self) -> tuple[int, ...]:
+        """The kernel's axes in canonical order: canonical axis ``c`` is axis ``order[c]``."""
+        return tuple(sorted(range(self.ndim), key=lambda j: "sio".index(self.roles[j])))
+
+    @functools.cached_property
+    def inverse(self) -> tuple[int, ...]:
+        """For each kernel axis, its canonical number (the inverse of :attr:`order`)."""
+        return tuple(sorted(range(self.ndim), key=self.order.__getitem__))
+
+    @functools.cached_property
+    def is_canonical(self) -> bool:
+        """Whether the kernel's axes already are ``(*stack, *in, *out)``."""
+        return self.order == tuple(range(self.ndim))
+
+    @functools.cached_property
+    def canonical_roles(self) -> str:
+        """The roles in canonical order (``'s' * n_stack + 'i' * n_in + 'o' * n_out``)."""
+        return "".join(self.to_canonical(self.roles))
+
     stored = property(lambda self: None if self.is_canonical else self.roles,
                       doc="What a node's ``layout`` field holds: ``None`` when canonical.")
     node_fields = property(lambda self: {"n_stack": self.n_stack, "n_in": self.n_in,

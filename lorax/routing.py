@@ -111,13 +111,13 @@ def check_routed(v: Any, x: jax.Array, xc: Sequence[int], xb: Sequence[int],
     nor batched), every stack axis batched and the input axes contracted. The low-rank term is
     then :func:`lorax.rules.dot_general_rule`'s, with the example axis as one more batch axis."""
     node = v.node
-    s, n_in = node.n_stack, node.n_in
+    lay = node.axes_layout
     cw, bw = [v.perm[d] for d in wc], [v.perm[d] for d in wb]
     if side != 1 or 0 in xc or 0 in xb:
         raise routing_error(node, "the kernel is not applied to a batch-leading input")
-    if sorted(bw) != list(range(s)) or sorted(cw) != list(range(s, s + n_in)):
+    if sorted(bw) != list(lay.stack) or sorted(cw) != list(lay.ins):
         raise routing_error(node, "the kernel is contracted over other than its input axes")
-    batch = node.a.shape[s]
+    batch = node.a.shape[lay.n_stack]
     if x.shape[0] != batch:
         raise routing_error(node, f"its input has leading axis {x.shape[0]}, but adapter_ids "
                                   f"has {batch} entries")

@@ -33,7 +33,6 @@ from lorax.axis_views import (
     ragged_use,
     single_axes,
 )
-from lorax.layouts import canonical_layout
 from lorax.lora_value import LoRAValue, layout_error, transpose
 from lorax.lowrank import feature_product, lowrank_term, merge_pays, merged_product
 from lorax.node import LoRA
@@ -49,8 +48,8 @@ def _dropout(x: jax.Array, key: Any, rate: float) -> jax.Array:
 
 
 def _axis_groups(node: LoRA) -> tuple[range, range, range]:
-    s, i = node.n_stack, node.n_in
-    return range(0, s), range(s, s + i), range(s + i, len(node.shape))
+    lay = node.axes_layout
+    return lay.stack, lay.ins, lay.outs
 
 
 def _dora_scale(node: LoRA, ndim: int, positions: dict[int, int], dtype: Any) -> jax.Array:
@@ -60,7 +59,7 @@ def _dora_scale(node: LoRA, ndim: int, positions: dict[int, int], dtype: Any) ->
     The norm is gradient-stopped (the paper's section 4.3); ``m`` gets its gradient here.
     """
     norm = dora.adapted_norm(node.to_canonical(node.float_w()), node.a, node.b, node.scale,
-                             node.n_stack, node.n_in)
+                             node.axes_layout)
     f = dora.factor(node.magnitude, lax.stop_gradient(norm))
     stack, _, outs = _axis_groups(node)
     canonical = [*stack, *outs]  # f's axes
@@ -197,7 +196,7 @@ def _consumed(invals, eqn, use_of, routable: bool = False):
     if v.routed and not routable:
         raise routing.routing_error(v.node, f"`{name}` consumes it")
     node = v.node
-    if not fits(canonical_layout(v.ndim, node.n_stack, node.n_in), use):
+    if not fits(node.axes_layout.canonical_roles, use):
         raise layout_error(v, name, sorted(use.contracted), sorted(use.batch))
     return v, use
 

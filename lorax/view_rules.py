@@ -62,7 +62,8 @@ def reshape_rule(invals, eqn):
     if v.routed or axes is None or v.perm != tuple(range(v.ndim)) or not node.is_canonical:
         return None  # materialize() names a routed kernel
     s = node.n_stack
-    groups = {c: set(r) for c, r in zip("sio", _axis_ranges(node), strict=True)}
+    lay = node.axes_layout
+    groups = {"s": set(lay.stack), "i": set(lay.ins), "o": set(lay.outs)}
     roles = []
     for a in axes:
         role = next((c for c, g in groups.items() if a <= g), None) if a else ""
@@ -89,11 +90,6 @@ def reshape_rule(invals, eqn):
     return LoRAValue(node, v.key, tuple(range(len(new))))
 
 
-def _axis_ranges(node: LoRA) -> tuple[range, range, range]:
-    s, i = node.n_stack, node.n_in
-    return range(0, s), range(s, s + i), range(s + i, len(node.shape))
-
-
 def _map_stack_axis(node: LoRA, c: int, fn) -> LoRA:
     """Applies ``fn(array, axis)`` along canonical stack axis ``c`` of every data field: axis
     ``canonical_order[c]`` of ``w``, axis ``c`` of ``a``, ``b`` and a DoRA magnitude."""
@@ -111,9 +107,9 @@ def without_stack_axes(v: LoRAValue, dropped: list[int], node: LoRA) -> LoRAValu
     the view's permutation.
     """
     canon = sorted(v.perm[d] for d in dropped)
-    w_axes = {v.node.canonical_order[c] for c in canon}
-    roles = "".join(r for j, r in enumerate(v.node.roles) if j not in w_axes)
-    node = dataclasses.replace(node, n_stack=node.n_stack - len(canon), layout=roles)
+    lay = v.node.axes_layout.without([v.node.canonical_order[c] for c in canon])
+    # The roles stay explicit (canonical or not) while squeeze drops axes one by one.
+    node = dataclasses.replace(node, n_stack=lay.n_stack, layout=lay.roles)
     perm = tuple(p - sum(c < p for c in canon) for d, p in enumerate(v.perm) if d not in dropped)
     return LoRAValue(node, v.key, perm, v.routed)
 
