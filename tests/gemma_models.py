@@ -270,7 +270,7 @@ def _hand_proj(get_w, get_ab, kernels: dict[str, Kernel], scale: float):
     return proj
 
 
-def _block_hand(kind, style, d, attn_prefix, mlp_prefix, mlp_suffix):
+def _block_hand(kind, style, d):
     ak, mk = attention_kernels(kind, d), mlp_kernels(style, d)
 
     def hand(params, factors, scale, x):
@@ -281,10 +281,10 @@ def _block_hand(kind, style, d, attn_prefix, mlp_prefix, mlp_suffix):
             return node
 
         def attn_path(key):
-            return f"{attn_prefix}/{key}/w"
+            return f"attn/{key}/w"
 
         def mlp_path(key):
-            return f"{mlp_prefix}/{key}{mlp_suffix}"
+            return f"mlp/{key}"
 
         attn_proj = _hand_proj(lambda k: tree_get(attn_path(k)), lambda k: factors[attn_path(k)],
                                ak, scale)
@@ -317,7 +317,7 @@ def linen_block(name: str, d: Dims = SMALL) -> Model:
         return module.apply({"params": p}, x)
 
     return Model(f"linen_{name}", apply, abstract, x, kernels,
-                 _block_hand(kind, style, d, "attn", "mlp", ""))
+                 _block_hand(kind, style, d))
 
 
 def nnx_block(name: str, d: Dims = SMALL) -> Model:
@@ -330,24 +330,7 @@ def nnx_block(name: str, d: Dims = SMALL) -> Model:
     def apply(state, x):
         return nnx.merge(graphdef, state)(x)
 
-    # The hand-written forward reads plain dicts: nnx.State -> {path: array} via pure dicts.
-    hand = _block_hand(kind, style, d, "attn", "mlp", "/w")
-
-    def hand_state(state, factors, scale, x):
-        return hand(_pure(state), factors, scale, x)
-
-    return Model(f"nnx_{name}", apply, abstract, _x(d), kernels, hand_state)
-
-
-def _pure(state) -> dict:
-    out: dict = {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        keys = path_of(kp).split("/")
-        node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = leaf
-    return out
+    return Model(f"nnx_{name}", apply, abstract, _x(d), kernels)
 
 
 # Scanned stack: nn.scan over L layers of a block with a Dense and two einsum kernels.

@@ -156,32 +156,15 @@ class _RematBlock(nn.Module):
         return nn.Dense(6)(jnp.tanh(nn.Dense(8)(x)))
 
 
-class _RematModel(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.remat(_RematBlock)(name="block")(x)
-
-
-class _Attend(nn.Module):
-    def setup(self):
-        self.embed = nn.Embed(10, 6)
-
-    def __call__(self, ids):
-        return self.embed(ids)
-
-    def attend(self, x):
-        return self.embed.attend(x)
-
-
 def _attend_row() -> Row:
-    module = _Attend()
-    abstract = jax.eval_shape(module.init, jax.random.key(1), jnp.zeros((3, 4), jnp.int32))
+    embed = nn.Embed(10, 6)
+    abstract = jax.eval_shape(embed.init, jax.random.key(1), jnp.zeros((3, 4), jnp.int32))
 
     def fn(p, x):
-        return module.apply({"params": p}, x, method=_Attend.attend)
+        return embed.apply({"params": p}, x, method="attend")
 
     return Row(fn, _fill(abstract["params"]), (_normal(2, (3, 6)),),
-               {"targets": "embedding"}, layouts={"embed/embedding": "oi"}, same_layout=False)
+               {"targets": "embedding"}, layouts={"embedding": "oi"}, same_layout=False)
 
 
 def _conv_hand(p, f, s, x):
@@ -198,9 +181,7 @@ def _conv_hand(p, f, s, x):
 def _conv2d(big: bool = False) -> Row:
     c, f, size, batch = (32, 64, 16, 4) if big else (3, 4, 6, 2)
     x = _normal(2, (batch, size, size, c))
-    row = _linen(nn.Conv(f, (3, 3)), x, layouts={"kernel": "iiio"}, hand=_conv_hand,
-                 big=None if big else functools.partial(_conv2d, True))
-    return _abstract_row(row) if big else row
+    return _linen(nn.Conv(f, (3, 3)), x, layouts={"kernel": "iiio"}, hand=_conv_hand)
 
 
 def _embed_hand(p, f, s, ids):
@@ -211,14 +192,18 @@ def _embed_hand(p, f, s, ids):
 def _embed_lookup(big: bool = False) -> Row:
     vocab, d, ids_shape = (4096, 256, (4, 64)) if big else (10, 6, (2, 4))
     ids = jnp.asarray(np.random.default_rng(3).integers(0, vocab, ids_shape), jnp.int32)
-    row = _linen(nn.Embed(vocab, d), ids, wrap_kw={"targets": "embedding"},
-                 layouts={"embedding": "io"}, hand=_embed_hand,
-                 big=None if big else functools.partial(_embed_lookup, True))
-    return _abstract_row(row) if big else row
+    return _linen(nn.Embed(vocab, d), ids, wrap_kw={"targets": "embedding"},
+                  layouts={"embedding": "io"}, hand=_embed_hand)
 
 
-def _abstract_row(row: Row) -> Row:
-    return dataclasses.replace(row, params=_abstract(row.params), args=_abstract(row.args))
+def _sized(build: Callable[[bool], Row]) -> Callable[[], Row]:
+    """The row ``build(big=False)``, its :attr:`Row.big` ``build(big=True)`` made abstract."""
+
+    def big() -> Row:
+        r = build(True)
+        return dataclasses.replace(r, params=_abstract(r.params), args=_abstract(r.args))
+
+    return lambda: dataclasses.replace(build(False), big=big)
 
 
 # --- raw functions of a kernel ----------------------------------------------------------------
@@ -232,10 +217,9 @@ def _x_at_w_hand(p, f, s, x):
 
 def _x_at_w(big: bool = False) -> Row:
     d, f, n = (256, 512, 64) if big else (5, 6, 3)
-    row = _plain(lambda p, x: x @ p["proj"]["kernel"] + p["proj"]["bias"][None], (d, f),
-                 _normal(2, (n, d)), bias=True, layouts={"proj/kernel": "io"},
-                 hand=_x_at_w_hand, big=None if big else functools.partial(_x_at_w, True))
-    return _abstract_row(row) if big else row
+    return _plain(lambda p, x: x @ p["proj"]["kernel"] + p["proj"]["bias"][None], (d, f),
+                  _normal(2, (n, d)), bias=True, layouts={"proj/kernel": "io"},
+                  hand=_x_at_w_hand)
 
 
 def _cond_fn(p, x):
@@ -292,15 +276,7 @@ def _clip_grad(w):
     return w
 
 
-def _clip_fwd(w):
-    return w, None
-
-
-def _clip_bwd(_, g):
-    return (jnp.clip(g, -1e-3, 1e-3),)
-
-
-_clip_grad.defvjp(_clip_fwd, _clip_bwd)
+_clip_grad.defvjp(lambda w: (w, None), lambda _, g: (jnp.clip(g, -1e-3, 1e-3),))
 
 
 def _plain_reference(fn):
@@ -310,10 +286,6 @@ def _plain_reference(fn):
 
 def _x_at_g(g):
     return lambda p, x: x @ g(p["proj"]["kernel"])
-
-
-def _x_at_kernel(p, x):
-    return x @ p["proj"]["kernel"]
 
 
 # --- mixture of experts ------------------------------------------------------------------------
@@ -341,11 +313,10 @@ def _moe_ragged(big: bool = False) -> Row:
     sizes[: tokens % e] += 1
     if not big:
         sizes = np.array([3, 0, 4])  # an empty group too
-    row = Row(_moe_ragged_fn, _fill(params, seed=5),
-              (_normal(2, (tokens, d)), jnp.asarray(sizes, jnp.int32)),
-              layouts={"moe/experts/kernel": "sio", "moe/experts_out/kernel": "sio"},
-              hand=_moe_ragged_hand, big=None if big else functools.partial(_moe_ragged, True))
-    return _abstract_row(row) if big else row
+    return Row(_moe_ragged_fn, _fill(params, seed=5),
+               (_normal(2, (tokens, d)), jnp.asarray(sizes, jnp.int32)),
+               layouts={"moe/experts/kernel": "sio", "moe/experts_out/kernel": "sio"},
+               hand=_moe_ragged_hand)
 
 
 def _moe_batched_hand(p, f, s, x):
@@ -357,11 +328,9 @@ def _moe_batched_hand(p, f, s, x):
 
 def _moe_batched(big: bool = False) -> Row:
     e, d, f, t = (8, 256, 512, 4) if big else (3, 4, 6, 2)
-    row = _plain(lambda p, x: jnp.einsum("etd,edf->etf", x, p["moe"]["experts"]["kernel"]),
-                 (e, d, f), _normal(2, (e, t, d)), name="moe/experts",
-                 layouts={"moe/experts/kernel": "sio"}, hand=_moe_batched_hand,
-                 big=None if big else functools.partial(_moe_batched, True))
-    return _abstract_row(row) if big else row
+    return _plain(lambda p, x: jnp.einsum("etd,edf->etf", x, p["moe"]["experts"]["kernel"]),
+                  (e, d, f), _normal(2, (e, t, d)), name="moe/experts",
+                  layouts={"moe/experts/kernel": "sio"}, hand=_moe_batched_hand)
 
 
 # --- Gemma-style blocks (tests/gemma_models.py) -----------------------------------------------
@@ -374,41 +343,42 @@ def _gemma(name: str, big: bool = False) -> Row:
     kernels = m.kernels
     # The raw dict's names say nothing: its kernels are named, and wq's layout stated.
     kw = {"targets": RAW_TARGETS, "axes": {"^wq$": "ioo"}} if name == "raw_dict" else {}
-    row = Row(m.apply, m.abstract if big else m.params(), (m.x,), kw,
-              layouts={p: k.layout for p, k in kernels.items()},
-              same_layout=all(k.default is None for k in kernels.values()),
-              hand=m.hand, big=None if big else functools.partial(_gemma, name, True))
-    return _abstract_row(row) if big else row
+    return Row(m.apply, m.params(), (m.x,), kw, layouts={p: k.layout for p, k in kernels.items()},
+               same_layout=all(k.default is None for k in kernels.values()), hand=m.hand)
 
 
 X2 = (3, 5)
+QKV = {"query/kernel": "ioo", "key/kernel": "ioo", "value/kernel": "ioo", "out/kernel": "iio"}
 ROWS: dict[str, Callable[[], Row]] = {
     "dense": lambda: _linen(nn.Dense(6), _normal(2, X2), layouts={"kernel": "io"}),
     "dense_general_features": lambda: _linen(
         nn.DenseGeneral(features=(2, 3)), _normal(2, X2), wrap_kw={"in_axes": 1}),
     "dense_general_axis": lambda: _linen(
-        nn.DenseGeneral(features=4, axis=(-2, -1)), _normal(2, (3, 2, 5))),
+        nn.DenseGeneral(features=4, axis=(-2, -1)), _normal(2, (3, 2, 5)),
+        layouts={"kernel": "iio"}),
     "linen_mha": lambda: _linen(
-        nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8), _normal(2, (2, 4, 6))),
+        nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8), _normal(2, (2, 4, 6)),
+        layouts=QKV),
     "nnx_mha": lambda: _nnx(
         lambda: nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8,
                                        decode=False, keep_rngs=False, rngs=nnx.Rngs(0)),
-        _normal(2, (2, 4, 6))),
-    "nnx_linear": lambda: _nnx(lambda: nnx.Linear(5, 6, rngs=nnx.Rngs(0)), _normal(2, X2)),
+        _normal(2, (2, 4, 6)), layouts=QKV),
+    "nnx_linear": lambda: _nnx(lambda: nnx.Linear(5, 6, rngs=nnx.Rngs(0)), _normal(2, X2),
+                               layouts={"kernel": "io"}),
     "linen_einsum": lambda: _linen(
         nn.Einsum(shape=(6, 2, 3), einsum_str="btd,dhk->bthk"), _normal(2, (2, 4, 6)),
         wrap_kw={"in_axes": 1}),
-    **{f"gemma_{n}": functools.partial(_gemma, n) for n in (
+    **{f"gemma_{n}": _sized(functools.partial(_gemma, n)) for n in (
         "linen_mqa", "linen_gqa", "linen_mha", "nnx_gqa", "linen_scan", "linen_conv_local",
         "raw_dict")},
     "conv1d": lambda: _linen(nn.Conv(4, (3,)), _normal(2, (2, 7, 3))),
-    "conv2d": _conv2d,
-    "embed_lookup": _embed_lookup,
+    "conv2d": _sized(_conv2d),
+    "embed_lookup": _sized(_embed_lookup),
     "embed_attend": _attend_row,
     "nn_scan": lambda: _linen(_ScanStack(), _normal(2, (3, 8)),
                               wrap_kw={"stacked": {"layers": 1}}),
-    "nn_remat": lambda: _linen(_RematModel(), _normal(2, (3, 6))),
-    "x_at_w": _x_at_w,
+    "nn_remat": lambda: _linen(nn.remat(_RematBlock)(), _normal(2, (3, 6))),
+    "x_at_w": _sized(_x_at_w),
     "wT_at_xT": lambda: _plain(lambda p, x: p["proj"]["kernel"].T @ x.T, (5, 6),
                                _normal(2, X2)),
     "w_at_y": lambda: _plain(lambda p, y: p["proj"]["kernel"] @ y, (5, 6), _normal(2, (6, 3)),
@@ -433,8 +403,8 @@ ROWS: dict[str, Callable[[], Row]] = {
     "inner_grad": lambda: _plain(_inner_grad_fn, (5, 6), _normal(2, X2)),
     "lax_scan": lambda: _plain(_lax_scan_fn, (3, 5, 5), _normal(2, X2),
                                wrap_kw={"stacked": {"proj": 1}}, layouts={"proj/kernel": "sio"}),
-    "moe_ragged": _moe_ragged,
-    "moe_batched": _moe_batched,
+    "moe_ragged": _sized(_moe_ragged),
+    "moe_batched": _sized(_moe_batched),
     "optimization_barrier": lambda: _plain(_x_at_g(lax.optimization_barrier), (5, 6),
                                            _normal(2, X2)),
     # lorax applies reduce_precision to W, a and b each: x·rp(W) + s·(x·rp(a))·rp(b).
@@ -443,9 +413,9 @@ ROWS: dict[str, Callable[[], Row]] = {
     # Identities with their own derivative rules: the kernel passes through factorized and
     # the factors get the plain LoRA gradients (the rules are not applied to them).
     "custom_jvp_identity": lambda: _plain(_x_at_g(_jvp_identity), (5, 6), _normal(2, X2),
-                                          reference=_plain_reference(_x_at_kernel)),
+                                          reference=_plain_reference(_x_at_g(lambda w: w))),
     "custom_vjp_identity": lambda: _plain(_x_at_g(_clip_grad), (5, 6), _normal(2, X2),
-                                          reference=_plain_reference(_x_at_kernel)),
+                                          reference=_plain_reference(_x_at_g(lambda w: w))),
 }
 FLOP_ROWS = ["x_at_w", "gemma_linen_mqa", "gemma_linen_gqa", "gemma_linen_mha",
              "gemma_linen_scan", "gemma_linen_conv_local", "gemma_raw_dict", "conv2d",

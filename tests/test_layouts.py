@@ -207,25 +207,12 @@ def _S(*shape, dtype=jnp.float32):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-_QKV = {"query/kernel": "ioo", "key/kernel": "ioo", "value/kernel": "ioo", "out/kernel": "iio"}
+# (Linen's Dense, DenseGeneral, MHA, Conv, Embed and NNX's Linear and MHA: rows of the table.)
 FLAX_LAYERS = {  # name: (builder, {path: layout})
-    "dense": (lambda: _linen_layer(nn.Dense(6), _S(2, 5)), {"kernel": "io"}),
-    "dense_general_axis": (
-        lambda: _linen_layer(nn.DenseGeneral(4, axis=(-2, -1)), _S(2, 2, 5)), {"kernel": "iio"}),
-    "mha": (lambda: _linen_layer(nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8),
-                                 _S(2, 4, 6)), _QKV),
-    "conv": (lambda: _linen_layer(nn.Conv(4, (3, 3)), _S(2, 6, 6, 3)), {"kernel": "iiio"}),
-    "embed": (lambda: _linen_layer(nn.Embed(10, 6), _S(2, 4, dtype=jnp.int32), "embedding"),
-              {"embedding": "io"}),
-    "nnx_linear": (lambda: _nnx_layer(lambda: nnx.Linear(5, 6, rngs=nnx.Rngs(0)), _S(2, 5)),
-                   {"kernel": "io"}),
     "nnx_linear_general_axis": (
         lambda: _nnx_layer(lambda: nnx.LinearGeneral((2, 5), 4, axis=(-2, -1),
                                                      rngs=nnx.Rngs(0)), _S(2, 2, 5)),
         {"kernel": "iio"}),
-    "nnx_mha": (lambda: _nnx_layer(
-        lambda: nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8,
-                                       decode=False, rngs=nnx.Rngs(0)), _S(2, 4, 6)), _QKV),
     "nnx_conv": (lambda: _nnx_layer(lambda: nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
                                     _S(2, 6, 6, 3)), {"kernel": "iiio"}),
     "nnx_embed": (lambda: _nnx_layer(lambda: nnx.Embed(10, 6, rngs=nnx.Rngs(0)),

@@ -43,15 +43,6 @@ def test_unsupported_consumer_falls_back_with_warning():
     assert_close(y, expected)
 
 
-def test_fallback_warning_names_primitive():
-    params = {"proj": {"kernel": _normal(3, (5, 6))}}
-    lp = lorax.wrap(params, rank=RANK)
-    with pytest.warns(lorax.LoRAFallbackWarning) as record:
-        lorax.lora(lambda p: jnp.sin(p["proj"]["kernel"]))(lp)
-    msgs = [str(r.message) for r in record]
-    assert any("`sin`" in m and "'proj/kernel'" in m for m in msgs), msgs
-
-
 @pytest.fixture(scope="module")
 def dropout_setup():
     case = row("dense")
