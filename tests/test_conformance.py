@@ -1,24 +1,24 @@
 """One table for `lorax.lora` and `lorax.infer_axes`: consumer patterns (rows) x properties.
 
-A row is a function ``fn(params, *args)`` of ordinary params, the way it consumes its kernels
-(a Flax layer, a Gemma-style einsum block, a raw ``x @ W``, a ``scan`` over a stacked kernel, a
-``ragged_dot`` over experts, a pass-through primitive...). A new primitive or consumer pattern is
-a new row in :data:`ROWS`, not a new test file. Each property is one test function over the
-rows:
+A row (:data:`ROWS`) is a function ``fn(params, *args)`` and the way it consumes its kernels: a
+Flax layer, a Gemma-style block, a raw ``x @ W``, a ``scan`` over a stacked kernel, a
+``ragged_dot`` over experts, a pass-through primitive... A new primitive or consumer pattern is
+a new row, not a new test file. Each property is one test over the rows:
 
 1. identity at init (``b = 0``): ``lora(fn)(wrap(p)) == fn(p)``;
-2. with random ``b``: equal to ``fn`` on params whose kernels are ``W + s·a·b`` (float64 NumPy,
-   ``tests/helpers.py``);
-3. the factor gradients equal the dense reference's, and ``W``'s gradient is zero;
+2. with random ``b``: ``fn`` on params whose kernels are ``W + s·a·b`` (float64 NumPy);
+3. the factor gradients are that reference's (the chain rule through ``W + s·a·b`` by hand),
+   ``W``'s is zero; and in bf16, the factorized model is the merged one;
 4. no ``LoRAFallbackWarning`` from ``lora`` or ``infer_axes``;
-5. ``wrap(p, axes=infer_axes(fn, p, *args))`` is accepted by ``lora(fn)`` and is the layout
-   the row's own configuration (the defaults, where they work) gives;
-6. the same under ``jax.jit``, remat, ``vmap`` and ``lax.scan`` (per row and transform);
-7. the train step's FLOPs are at most 1.05x a hand-written factorized step's (rows that have
-   one), and that hand-written step computes the dense reference (checked without lorax).
+5. ``wrap(p, axes=infer_axes(fn, p, *args))`` is accepted by ``lora(fn)``, has the layouts
+   stated for the row and is what the row's own configuration (the defaults) gives;
+6. the same values under ``jit``, remat, ``vmap`` and ``lax.scan`` (a row may skip one, saying
+   why);
+7. the train step's FLOPs are at most 1.05x a hand-written factorized step's, which computes
+   the dense reference (checked without lorax).
 
-``filterwarnings = error`` (pyproject) makes any warning a failure. The values are compiled once
-per row (:func:`program`, :func:`transformed`) with XLA's cheap CPU options.
+``filterwarnings = error`` makes any warning a failure. Each row's values come from one
+compile (:func:`program`) with XLA's cheap CPU options.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from helpers import (
     dense_params,
     dense_params_jnp,
     lora_nodes,
+    perturb_b,
     tolerance,
 )
 from jax import lax
@@ -57,7 +58,6 @@ TRANSFORMS = ("jit", "remat", "vmap", "scan")
 # XLA's CPU backend spends most of this file's time in LLVM; its cheap settings halve the
 # compiles and leave the HLO (what is computed, in which order) as it is.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-LAYOUT_KW = ("axes", "in_axes", "stacked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,20 +134,6 @@ def _plain(fn, w_shape, *args, bias=False, name="proj", **kw) -> Row:
 
 
 # --- Flax layers and small modules ------------------------------------------------------------
-
-
-class _Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        return jnp.tanh(nn.Dense(8)(x)), None
-
-
-class _ScanStack(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        stack = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        length=3)
-        return stack(name="layers")(x, None)[0]
 
 
 class _RematBlock(nn.Module):
@@ -369,14 +355,11 @@ ROWS: dict[str, Callable[[], Row]] = {
         nn.Einsum(shape=(6, 2, 3), einsum_str="btd,dhk->bthk"), _normal(2, (2, 4, 6)),
         wrap_kw={"in_axes": 1}),
     **{f"gemma_{n}": _sized(functools.partial(_gemma, n)) for n in (
-        "linen_mqa", "linen_gqa", "linen_mha", "nnx_gqa", "linen_scan", "linen_conv_local",
-        "raw_dict")},
+        "linen_mqa", "linen_gqa", "linen_mha", "linen_scan", "linen_conv_local", "raw_dict")},
     "conv1d": lambda: _linen(nn.Conv(4, (3,)), _normal(2, (2, 7, 3))),
     "conv2d": _sized(_conv2d),
     "embed_lookup": _sized(_embed_lookup),
     "embed_attend": _attend_row,
-    "nn_scan": lambda: _linen(_ScanStack(), _normal(2, (3, 8)),
-                              wrap_kw={"stacked": {"layers": 1}}),
     "nn_remat": lambda: _linen(nn.remat(_RematBlock)(), _normal(2, (3, 6))),
     "x_at_w": _sized(_x_at_w),
     "wT_at_xT": lambda: _plain(lambda p, x: p["proj"]["kernel"].T @ x.T, (5, 6),
@@ -430,17 +413,10 @@ def row(name: str) -> Row:
 # --- wrapping and the reference ---------------------------------------------------------------
 
 
-def _wrap_kw(r: Row, inferred: bool = False) -> dict:
-    if not inferred:
-        return r.wrap_kw
-    kw = {k: v for k, v in r.wrap_kw.items() if k not in LAYOUT_KW}
-    return {**kw, "axes": lorax.infer_axes(r.fn, r.params, *r.args)}
-
-
-def wrap_filled(r: Row, inferred: bool = False) -> Any:
+def wrap_filled(r: Row) -> Any:
     """``lorax.wrap`` of the abstract params, filled: ``w`` the concrete kernel, ``a`` random
     (NumPy), ``b`` zero. (Wrapping concrete params compiles an initializer per factor shape.)"""
-    lp = lorax.wrap(_abstract(r.params), rank=RANK, **_wrap_kw(r, inferred))
+    lp = lorax.wrap(_abstract(r.params), rank=RANK, **r.wrap_kw)
     rng = np.random.default_rng(5)
 
     def fill(node, w):
@@ -451,23 +427,6 @@ def wrap_filled(r: Row, inferred: bool = False) -> Any:
                                    b=jnp.zeros(node.b.shape, node.b.dtype))
 
     return jax.tree.map(fill, lp, r.params, is_leaf=lorax.is_lora)
-
-
-def random_b(lp: Any, seed: int = 7, std: float = 0.3) -> Any:
-    rng = np.random.default_rng(seed)
-
-    def go(x):
-        if not lorax.is_lora(x):
-            return x
-        b = jnp.asarray(std * rng.standard_normal(x.b.shape), x.b.dtype)
-        return dataclasses.replace(x, b=b)
-
-    return jax.tree.map(go, lp, is_leaf=lorax.is_lora)
-
-
-def reference(r: Row) -> Callable[..., Any]:
-    """``ref(wrapped, *args)``: the expected output, differentiable in the factors."""
-    return r.reference or (lambda lp, *args: r.fn(dense_params_jnp(lp), *args))
 
 
 def other_args(args: tuple, seed: int = 13) -> tuple:
@@ -494,10 +453,6 @@ def compiled(fn, *args):
     return _COMPILED[key]
 
 
-def _apply(fn):
-    return lambda p, args: fn(p, *args)
-
-
 def _value_and_grad(f, lp, args, ct):
     """``f(lp, *args)`` and the gradient of ``sum(ct * f(lp, *args))`` wrt ``lp``."""
     y, vjp = jax.vjp(lambda t: f(t, *args), lp)
@@ -513,25 +468,25 @@ def program(name: str) -> dict[str, Any]:
     references are computed per input without the transform."""
     r = row(name)
     lp0 = wrap_filled(r)
-    lp = random_b(lp0)
+    lp = perturb_b(lp0, 7, std=0.3)
     ct = _normal(11, jax.eval_shape(r.fn, r.params, *r.args).shape)
     args2 = other_args(r.args)
-    ref = reference(r)
+    ref = r.reference
 
     def run(p, lp0, lp, dense, args, args2, ct):
         f = lorax.lora(r.fn)
-        ref1 = ref(lp, *args) if dense is None else r.fn(dense, *args)
-        ref2 = ref(lp, *args2) if dense is None else r.fn(dense, *args2)
+        if dense is None:  # the row's own reference, differentiated as it stands
+            (ref1, grad_ref), ref2 = _value_and_grad(ref, lp, args, ct), ref(lp, *args2)
+        else:  # fn at the dense kernels; its kernel gradients to factor gradients below
+            (ref1, grad_ref), ref2 = _value_and_grad(r.fn, dense, args, ct), r.fn(dense, *args2)
         y, g = _value_and_grad(f, lp, args, ct)
         out = {"base": r.fn(p, *args), "init": f(lp0, *args), "lora": y, "grad": g,
-               "ref": ref1, "grad_ref": _value_and_grad(ref, lp, args, ct)[1],
-               "ref_stack": jnp.stack([ref1, ref2])}
+               "ref": ref1, "grad_ref": grad_ref, "ref_stack": jnp.stack([ref1, ref2])}
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), args, args2)
         # bf16 params, factors (b doubled: an adapter well above bf16 rounding) and inputs.
         lp16 = _to_bf16(jax.tree.map(lambda n: dataclasses.replace(n, b=2 * n.b) if
                                      lorax.is_lora(n) else n, lp, is_leaf=lorax.is_lora))
-        p16, args16 = _to_bf16(p), _to_bf16(args)
-        out["bf16"] = (r.fn(p16, *args16), f(lp16, *args16), r.fn(lorax.merge(lp16), *args16))
+        out["bf16"] = (f(lp16, *_to_bf16(args)), r.fn(lorax.merge(lp16), *_to_bf16(args)))
         if "jit" not in r.skip:
             out["jit"] = lorax.lora(jax.jit(r.fn))(lp, *args)
         if "remat" not in r.skip:
@@ -546,7 +501,28 @@ def program(name: str) -> dict[str, Any]:
     # The reference kernels in float64 NumPy, unless the row states its own reference.
     dense = None if r.reference else dense_params(lp)
     inputs = (r.params, lp0, lp, dense, r.args, args2, ct)
-    return {**compiled(run, *inputs)(*inputs), "lp": lp}
+    out = compiled(run, *inputs)(*inputs)
+    if dense is not None:
+        out["grad_ref"] = factor_grads(lp, out["grad_ref"])
+    return {**out, "lp": lp}
+
+
+def factor_grads(lp: Any, grads: Any) -> Any:
+    """The chain rule through ``W + s·a·b`` by hand (float64 NumPy): each LoRA node of ``lp``
+    with ``a``, ``b`` replaced by their gradients from ``G``, the gradient wrt that kernel in
+    ``grads`` (a tree like the params); ``w`` gets ``G``, the other leaves their gradients."""
+
+    def go(node, g):
+        if not lorax.is_lora(node):
+            return g
+        ab, w = delta_eqn(node.roles).split("->")
+        a_idx, b_idx = ab.split(",")
+        a, b, g64 = (np.asarray(x, np.float64) for x in (node.a, node.b, g))
+        da = node.scale * np.einsum(f"{w},{b_idx}->{a_idx}", g64, b)
+        db = node.scale * np.einsum(f"{a_idx},{w}->{b_idx}", a, g64)
+        return dataclasses.replace(node, w=g, a=da.astype(np.float32), b=db.astype(np.float32))
+
+    return jax.tree.map(go, lp, grads, is_leaf=lorax.is_lora)
 
 
 def _to_bf16(tree):
@@ -582,9 +558,10 @@ def test_bf16_matches_merged(name):
     # differently (x·W + s·(x·a)·b against x·round(W + s·a@b)), by a few eps of the output's
     # scale (softmax amplifies logit errors); the adapter moves the output by far more, which
     # the power check below requires (measured: at most 2.3 eps apart, as the files before).
-    base, y, merged = (np.asarray(v, np.float64) for v in program(name)["bf16"])
+    out = program(name)
+    y, merged = (np.asarray(v, np.float64) for v in out["bf16"])
     tol = tolerance(merged, dtype=jnp.bfloat16, ulps=BF16_ULPS)
-    assert _max_abs(merged - base) > 3 * tol, "adapter too small to test"
+    assert _max_abs(merged - out["base"]) > 3 * tol, "adapter too small to test"
     assert_close(y, merged, dtype=jnp.bfloat16, ulps=BF16_ULPS)
 
 
@@ -634,7 +611,8 @@ def _roles(lp) -> dict[str, str]:
 def test_inferred_axes_are_accepted_and_agree(name):
     r = row(name)
     p = _abstract(r.params)
-    inferred = lorax.wrap(p, rank=RANK, **_wrap_kw(r, inferred=True))
+    kw = {k: v for k, v in r.wrap_kw.items() if k not in ("axes", "in_axes", "stacked")}
+    inferred = lorax.wrap(p, rank=RANK, **kw, axes=lorax.infer_axes(r.fn, r.params, *r.args))
     jax.eval_shape(lorax.lora(r.fn), inferred, *r.args)  # no layout error
     configured = lorax.wrap(p, rank=RANK, **r.wrap_kw)
     if r.layouts is not None:
@@ -788,7 +766,7 @@ _mm.defvjp(_mm_fwd, _mm_bwd)
 
 def test_kernel_consumed_by_custom_vjp_falls_back_in_lora_and_infer_axes():
     r = _plain(lambda p, x: _mm(x, p["proj"]["kernel"]), (5, 6), _normal(2, X2))
-    lp = random_b(wrap_filled(r))
+    lp = perturb_b(wrap_filled(r), 7, std=0.3)
     pattern = r"custom_vjp_call.*proj/kernel|proj/kernel.*custom_vjp_call"
     with pytest.warns(lorax.LoRAFallbackWarning, match=pattern):
         y = lorax.lora(r.fn)(lp, *r.args)
