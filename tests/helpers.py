@@ -65,6 +65,13 @@ def delta_eqn(roles: str) -> str:
     return f"{pick('s')}{pick('i')}r,{pick('s')}r{pick('o')}->{letters}"
 
 
+def factor_shapes(shape, roles: str, rank: int) -> tuple[tuple, tuple]:
+    """The factors' shapes for a kernel of this layout: a (*stack, *in, r), b (*stack, r, *out),
+    each group in the kernel's axis order."""
+    pick = {c: tuple(n for n, x in zip(shape, roles, strict=True) if x == c) for c in "sio"}
+    return (*pick["s"], *pick["i"], rank), (*pick["s"], rank, *pick["o"])
+
+
 def dense_kernel(node: lorax.LoRA) -> np.ndarray:
     """``w + scale * a @ b`` in float64 NumPy, from the node's raw fields, in ``w``'s layout."""
     d = np.einsum(delta_eqn(node.roles), np.asarray(node.a, np.float64),

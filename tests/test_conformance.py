@@ -43,6 +43,7 @@ from helpers import (
     delta_eqn,
     dense_params,
     dense_params_jnp,
+    factor_shapes,
     lora_nodes,
     perturb_b,
     tolerance,
@@ -627,10 +628,7 @@ def test_inferred_axes_are_accepted_and_agree(name):
 # --- 6: under transforms ----------------------------------------------------------------------
 
 
-ROW_TRANSFORMS = [(n, t) for n in sorted(ROWS) for t in TRANSFORMS]
-
-
-@pytest.mark.parametrize("name, transform", ROW_TRANSFORMS)
+@pytest.mark.parametrize("name, transform", [(n, t) for n in sorted(ROWS) for t in TRANSFORMS])
 def test_under_transform(name, transform):
     r = row(name)
     if transform in r.skip:
@@ -649,11 +647,6 @@ def test_under_transform(name, transform):
 # --- 7: FLOPs against a hand-written factorized step ------------------------------------------
 
 
-def _factor_shapes(shape, layout: str, rank: int) -> tuple[tuple, tuple]:
-    pick = {c: tuple(n for n, x in zip(shape, layout, strict=True) if x == c) for c in "sio"}
-    return (*pick["s"], *pick["i"], rank), (*pick["s"], rank, *pick["o"])
-
-
 def _kernel_shapes(r: Row) -> dict[str, tuple]:
     flat = jax.tree_util.tree_flatten_with_path(r.params)[0]
     return {path_of(kp): tuple(x.shape) for kp, x in flat if path_of(kp) in r.layouts}
@@ -667,7 +660,7 @@ def test_hand_written_step_computes_the_dense_reference(name):
     rng = np.random.default_rng(3)
     factors, kernels = {}, {}
     for path, shape in _kernel_shapes(r).items():
-        a_shape, b_shape = _factor_shapes(shape, r.layouts[path], RANK)
+        a_shape, b_shape = factor_shapes(shape, r.layouts[path], RANK)
         a, b = 0.3 * rng.standard_normal(a_shape), 0.3 * rng.standard_normal(b_shape)
         factors[path] = (jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
         kernels[path] = 0.5 * np.einsum(delta_eqn(r.layouts[path]), a, b)
@@ -717,7 +710,7 @@ def step_flops(name: str, compile: bool = False) -> dict[str, float]:
 
     factors = {}
     for path, shape in _kernel_shapes(r).items():
-        a, b = _factor_shapes(shape, r.layouts[path], FLOP_RANK)
+        a, b = factor_shapes(shape, r.layouts[path], FLOP_RANK)
         factors[path] = (jax.ShapeDtypeStruct(a, jnp.float32), jax.ShapeDtypeStruct(b, jnp.float32))
 
     def hand_step(factors, p, args):
