@@ -1,13 +1,11 @@
-"""Small Gemma-style models for the layout tests (`tests/test_layouts.py`).
+"""Small Gemma-style models for `tests/test_layouts.py` and `tests/test_conformance.py`.
 
 Each model is described by a :class:`Model`: the plain function ``apply(params, x)``, its
 parameters, its input and, per adapted kernel, a :class:`Kernel` that states facts about how
 the model consumes it (the layout string, i.e. which axes are stack / input / output axes) and
-hand-written einsums for the LoRA math in that layout:
-
-* ``delta``: ``"a,b->W"``, so that ``W + s * einsum(delta, a, b)`` is the adapted kernel, with
-  lorax's canonical factors ``a: (*stack, *in, r)`` and ``b: (*stack, r, *out)``;
-* ``xa`` and ``xab``: ``x·a`` and ``(x·a)·b`` for the hand-written factorized forward.
+hand-written einsums ``xa`` and ``xab`` (``x·a`` and ``(x·a)·b``) for the hand-written
+factorized forward ``x·W + s·(x·a)·b``, with lorax's canonical factors ``a: (*stack, *in, r)``
+and ``b: (*stack, r, *out)``.
 
 The blocks are written once as functions of a ``proj(key, eqn, h, index=None)`` callback that
 contracts ``h`` with the kernel called ``key``; the Linen and NNX modules give it their own
@@ -52,7 +50,6 @@ BIG = Dims(B=2, T=16, D=256, N=4, H=64, F=1024, L=2, V=512)
 class Kernel:
     layout: str  # one letter per kernel axis: s (stack), i (input), o (output)
     shape: tuple[int, ...]
-    delta: str  # einsum "a,b->W" giving a @ b in W's layout
     xa: str = ""  # einsum "x,a->xa" (on a[index] for indexed uses)
     xab: str = ""  # einsum "xa,b->y"
     # The layout lorax's zero-config defaults give when it differs from `layout` but serves the
@@ -109,16 +106,12 @@ def attention_kernels(kind: str, d: Dims) -> dict[str, Kernel]:
     (one fused q/k/v kernel)."""
     out = {}
     if kind == "mha":
-        out["qkv_einsum"] = Kernel("soio", (3, d.N, d.D, d.H), "SDr,SrNH->SNDH",
-                                   "BTD,SDr->SBTr", "SBTr,SrNH->SBTNH")
+        out["qkv_einsum"] = Kernel("soio", (3, d.N, d.D, d.H), "BTD,SDr->SBTr", "SBTr,SrNH->SBTNH")
     else:
         k = 1 if kind == "mqa" else 2
-        out["q_einsum"] = Kernel("oio", (d.N, d.D, d.H), "Dr,rNH->NDH",
-                                 "BTD,Dr->BTr", "BTr,rNH->BTNH")
-        out["kv_einsum"] = Kernel("soio", (2, k, d.D, d.H), "CDr,CrKH->CKDH",
-                                  "BSD,CDr->CBSr", "CBSr,CrKH->CBSKH")
-    out["attn_vec_einsum"] = Kernel("iio", (d.N, d.H, d.D), "NHr,rD->NHD",
-                                    "BTNH,NHr->BTr", "BTr,rD->BTD")
+        out["q_einsum"] = Kernel("oio", (d.N, d.D, d.H), "BTD,Dr->BTr", "BTr,rNH->BTNH")
+        out["kv_einsum"] = Kernel("soio", (2, k, d.D, d.H), "BSD,CDr->CBSr", "CBSr,CrKH->CBSKH")
+    out["attn_vec_einsum"] = Kernel("iio", (d.N, d.H, d.D), "BTNH,NHr->BTr", "BTr,rD->BTD")
     return out
 
 
@@ -126,11 +119,10 @@ def mlp_kernels(style: str, d: Dims) -> dict[str, Kernel]:
     """Gemma's gated MLP: gating (2, F, D) used by one einsum (new style), or (2, D, F) used as
     ``x @ w[0]`` and ``x @ w[1]`` (old style); then linear (F, D)."""
     if style == "new":
-        gating = Kernel("soi", (2, d.F, d.D), "NDr,NrF->NFD", "...D,NDr->...Nr",
-                        "...Nr,NrF->...NF")
+        gating = Kernel("soi", (2, d.F, d.D), "...D,NDr->...Nr", "...Nr,NrF->...NF")
     else:  # xa / xab act on a[index] (D, r) and b[index] (r, F)
-        gating = Kernel("sio", (2, d.D, d.F), "NDr,NrF->NDF", "BTD,Dr->BTr", "BTr,rF->BTF")
-    linear = Kernel("io", (d.F, d.D), "Fr,rD->FD", "BTF,Fr->BTr", "BTr,rD->BTD")
+        gating = Kernel("sio", (2, d.D, d.F), "BTD,Dr->BTr", "BTr,rF->BTF")
+    linear = Kernel("io", (d.F, d.D), "BTF,Fr->BTr", "BTr,rD->BTD")
     return {"gating_einsum": gating, "linear": linear}
 
 
@@ -278,7 +270,7 @@ def _hand_proj(get_w, get_ab, kernels: dict[str, Kernel], scale: float):
     return proj
 
 
-def _block_hand(kind, style, d, attn_prefix, mlp_prefix, mlp_suffix):
+def _block_hand(kind, style, d):
     ak, mk = attention_kernels(kind, d), mlp_kernels(style, d)
 
     def hand(params, factors, scale, x):
@@ -289,10 +281,10 @@ def _block_hand(kind, style, d, attn_prefix, mlp_prefix, mlp_suffix):
             return node
 
         def attn_path(key):
-            return f"{attn_prefix}/{key}/w"
+            return f"attn/{key}/w"
 
         def mlp_path(key):
-            return f"{mlp_prefix}/{key}{mlp_suffix}"
+            return f"mlp/{key}"
 
         attn_proj = _hand_proj(lambda k: tree_get(attn_path(k)), lambda k: factors[attn_path(k)],
                                ak, scale)
@@ -325,7 +317,7 @@ def linen_block(name: str, d: Dims = SMALL) -> Model:
         return module.apply({"params": p}, x)
 
     return Model(f"linen_{name}", apply, abstract, x, kernels,
-                 _block_hand(kind, style, d, "attn", "mlp", ""))
+                 _block_hand(kind, style, d))
 
 
 def nnx_block(name: str, d: Dims = SMALL) -> Model:
@@ -338,24 +330,7 @@ def nnx_block(name: str, d: Dims = SMALL) -> Model:
     def apply(state, x):
         return nnx.merge(graphdef, state)(x)
 
-    # The hand-written forward reads plain dicts: nnx.State -> {path: array} via pure dicts.
-    hand = _block_hand(kind, style, d, "attn", "mlp", "/w")
-
-    def hand_state(state, factors, scale, x):
-        return hand(_pure(state), factors, scale, x)
-
-    return Model(f"nnx_{name}", apply, abstract, _x(d), kernels, hand_state)
-
-
-def _pure(state) -> dict:
-    out: dict = {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        keys = path_of(kp).split("/")
-        node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = leaf
-    return out
+    return Model(f"nnx_{name}", apply, abstract, _x(d), kernels)
 
 
 # Scanned stack: nn.scan over L layers of a block with a Dense and two einsum kernels.
@@ -386,12 +361,10 @@ class ScanStack(nn.Module):
 
 def scan_kernels(d: Dims, stack: str = "layers") -> dict[str, Kernel]:
     return {
-        f"{stack}/mlp/kernel": Kernel("sio", (d.L, d.D, d.D), "LDr,LrE->LDE",
-                                      "BTD,Dr->BTr", "BTr,rE->BTE"),
-        f"{stack}/q_einsum/w": Kernel("soio", (d.L, d.N, d.D, d.H), "LDr,LrNH->LNDH",
-                                      "BTD,Dr->BTr", "BTr,rNH->BTNH"),
-        f"{stack}/attn_vec_einsum/w": Kernel("siio", (d.L, d.N, d.H, d.D), "LNHr,LrD->LNHD",
-                                             "BTNH,NHr->BTr", "BTr,rD->BTD"),
+        f"{stack}/mlp/kernel": Kernel("sio", (d.L, d.D, d.D), "BTD,Dr->BTr", "BTr,rE->BTE"),
+        f"{stack}/q_einsum/w": Kernel("soio", (d.L, d.N, d.D, d.H), "BTD,Dr->BTr", "BTr,rNH->BTNH"),
+        f"{stack}/attn_vec_einsum/w": Kernel("siio", (d.L, d.N, d.H, d.D), "BTNH,NHr->BTr",
+                                             "BTr,rD->BTD"),
     }
 
 
@@ -449,8 +422,8 @@ def conv_local_model(d: Dims = SMALL) -> Model:
     x = jnp.asarray(np.random.default_rng(3).standard_normal((d.B, size, size, c)), F32)
     abstract = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
     o = size - 2
-    kernels = {"ConvLocal_0/kernel": Kernel("ssio", (o, o, 9 * c, f), "HWPr,HWrF->HWPF",
-                                            "BHWP,HWPr->BHWr", "BHWr,HWrF->BHWF")}
+    kernels = {"ConvLocal_0/kernel": Kernel("ssio", (o, o, 9 * c, f), "BHWP,HWPr->BHWr",
+                                            "BHWr,HWrF->BHWF")}
 
     def apply(p, x):
         return module.apply({"params": p}, x)
@@ -472,11 +445,11 @@ def conv_local_model(d: Dims = SMALL) -> Model:
 
 def raw_kernels(d: Dims) -> dict[str, Kernel]:
     return {
-        "embed/table": Kernel("io", (d.V, d.D), "Vr,rD->VD"),
-        "wq": Kernel("ioo", (d.D, d.N, d.H), "Dr,rNH->DNH", "btd,dr->btr", "btr,rnh->btnh"),
-        "wo": Kernel("iio", (d.N, d.H, d.D), "NHr,rD->NHD", "btnh,nhr->btr", "btr,rd->btd"),
-        "up": Kernel("io", (d.D, d.F), "Dr,rF->DF", "btd,dr->btr", "btr,rf->btf"),
-        "down_t": Kernel("oi", (d.D, d.F), "Fr,rD->DF", "btf,fr->btr", "btr,rd->btd",
+        "embed/table": Kernel("io", (d.V, d.D)),
+        "wq": Kernel("ioo", (d.D, d.N, d.H), "btd,dr->btr", "btr,rnh->btnh"),
+        "wo": Kernel("iio", (d.N, d.H, d.D), "btnh,nhr->btr", "btr,rd->btd"),
+        "up": Kernel("io", (d.D, d.F), "btd,dr->btr", "btr,rf->btf"),
+        "down_t": Kernel("oi", (d.D, d.F), "btf,fr->btr", "btr,rd->btd",
                          default="io"),
     }
 

@@ -40,13 +40,6 @@ def lora_nodes(tree: Any) -> list[lorax.LoRA]:
     return [x for x in jax.tree.leaves(tree, is_leaf=lorax.is_lora) if lorax.is_lora(x)]
 
 
-def _split_shapes(w_shape, n_stack: int, n_in: int):
-    stack = tuple(w_shape[:n_stack])
-    ins = tuple(w_shape[n_stack : n_stack + n_in])
-    outs = tuple(w_shape[n_stack + n_in :])
-    return stack, ins, outs
-
-
 def dense_delta(a: Any, b: Any, scale: float, n_stack: int = 0) -> np.ndarray:
     """``scale * a @ b`` in float64 NumPy: a (*stack, *in, r), b (*stack, r, *out)."""
     a = np.asarray(a, np.float64)
@@ -60,19 +53,36 @@ def dense_delta(a: Any, b: Any, scale: float, n_stack: int = 0) -> np.ndarray:
     return (scale * d).reshape(*stack, *ins, *outs)
 
 
+def delta_eqn(roles: str) -> str:
+    """``"a,b->W"``: the einsum giving ``a @ b`` in the layout ``roles`` (one of ``s``/``i``/``o``
+    per kernel axis), for factors ``a (*stack, *in, r)``, ``b (*stack, r, *out)`` whose groups
+    keep the kernel's axis order."""
+    letters = "ABCDEFGHIJKLMNOPQ"[: len(roles)]
+
+    def pick(c):
+        return "".join(x for x, role in zip(letters, roles, strict=True) if role == c)
+
+    return f"{pick('s')}{pick('i')}r,{pick('s')}r{pick('o')}->{letters}"
+
+
+def factor_shapes(shape, roles: str, rank: int) -> tuple[tuple, tuple]:
+    """The factors' shapes for a kernel of this layout: a (*stack, *in, r), b (*stack, r, *out),
+    each group in the kernel's axis order."""
+    pick = {c: tuple(n for n, x in zip(shape, roles, strict=True) if x == c) for c in "sio"}
+    return (*pick["s"], *pick["i"], rank), (*pick["s"], rank, *pick["o"])
+
+
 def dense_kernel(node: lorax.LoRA) -> np.ndarray:
-    """``w + scale * a @ b`` in float64 NumPy, from the node's raw fields."""
-    return np.asarray(node.w, np.float64) + dense_delta(node.a, node.b, node.scale, node.n_stack)
+    """``w + scale * a @ b`` in float64 NumPy, from the node's raw fields, in ``w``'s layout."""
+    d = np.einsum(delta_eqn(node.roles), np.asarray(node.a, np.float64),
+                  np.asarray(node.b, np.float64))
+    return np.asarray(node.w, np.float64) + node.scale * d
 
 
-def dense_delta_jnp(w_shape, a, b, scale: float, n_stack: int) -> jax.Array:
-    """``scale * a @ b`` in differentiable jnp (for reference gradients), shaped like ``w``."""
-    n_in = a.ndim - n_stack - 1
-    stack, ins, outs = _split_shapes(w_shape, n_stack, n_in)
-    a2 = jnp.reshape(a, (*stack, math.prod(ins), a.shape[-1]))
-    b2 = jnp.reshape(b, (*stack, b.shape[n_stack], math.prod(outs)))
-    d = jnp.einsum("...ir,...ro->...io", a2, b2, precision=jax.lax.Precision.HIGHEST)
-    return jnp.reshape(scale * d, tuple(w_shape))
+def dense_delta_jnp(node: lorax.LoRA) -> jax.Array:
+    """``scale * a @ b`` in differentiable jnp (for reference gradients), in ``w``'s layout."""
+    d = jnp.einsum(delta_eqn(node.roles), node.a, node.b, precision=jax.lax.Precision.HIGHEST)
+    return node.scale * d
 
 
 def _is_node(x: Any) -> bool:
@@ -99,8 +109,7 @@ def dense_params_jnp(tree: Any) -> Any:
 
     def fold(x):
         if lorax.is_lora(x):
-            d = dense_delta_jnp(x.w.shape, x.a, x.b, x.scale, x.n_stack)
-            return x.w + d.astype(x.w.dtype)
+            return x.w + dense_delta_jnp(x).astype(x.w.dtype)
         if isinstance(x, lorax.FullyTrained):
             return x.value
         return x
