@@ -133,7 +133,7 @@ if [ "${TESTS:-1}" != 0 ]; then
   groups=(
     "tests/test_compat.py lorax/compat.py lorax/interpreter.py lorax/infer.py"
     "tests/test_wrap.py tests/test_lora_transform.py tests/test_value_and_grad.py tests/test_traps.py tests/test_config.py lorax/config.py lorax/partition.py"
-    "tests/test_layouts.py tests/test_layout_interop.py tests/test_lowering.py lorax/layouts.py lorax/lowrank.py"
+    "tests/test_layouts.py tests/test_conformance.py tests/test_layout_interop.py tests/test_lowering.py lorax/layouts.py lorax/lowrank.py"
     "tests/test_optimizer_merge.py tests/test_checkpoint.py tests/test_peft.py tests/test_sharding.py lorax/checkpoint.py"
   )
   weights=(2 4 3 2)
