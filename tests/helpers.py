@@ -85,6 +85,23 @@ def dense_delta_jnp(node: lorax.LoRA) -> jax.Array:
     return node.scale * d
 
 
+def wrap_filled(params: Any, **wrap_kw: Any) -> Any:
+    """``lorax.wrap`` of ``params``' abstract shapes, filled: each node's ``w`` the concrete
+    kernel, ``a`` random (NumPy), ``b`` zero. (Wrapping concrete params compiles an initializer
+    per factor shape, seconds each on a busy CPU; tests/test_wrap.py covers it.)"""
+    lp = lorax.wrap(jax.eval_shape(lambda p: p, params), **wrap_kw)
+    rng = np.random.default_rng(5)
+
+    def fill(node, w):
+        if not lorax.is_lora(node):
+            return w
+        a = rng.uniform(-1, 1, node.a.shape) / np.sqrt(math.prod(node.in_shape))
+        return dataclasses.replace(node, w=w, a=jnp.asarray(a, node.a.dtype),
+                                   b=jnp.zeros(node.b.shape, node.b.dtype))
+
+    return jax.tree.map(fill, lp, params, is_leaf=lorax.is_lora)
+
+
 def _is_node(x: Any) -> bool:
     return isinstance(x, lorax.LoRA | lorax.FullyTrained)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +47,7 @@ from helpers import (
     perturb_b,
     tolerance,
 )
+from helpers import wrap_filled as filled
 from jax import lax
 
 import lorax
@@ -417,19 +417,8 @@ def row(name: str) -> Row:
 
 
 def wrap_filled(r: Row) -> Any:
-    """``lorax.wrap`` of the abstract params, filled: ``w`` the concrete kernel, ``a`` random
-    (NumPy), ``b`` zero. (Wrapping concrete params compiles an initializer per factor shape.)"""
-    lp = lorax.wrap(_abstract(r.params), rank=RANK, **r.wrap_kw)
-    rng = np.random.default_rng(5)
-
-    def fill(node, w):
-        if not lorax.is_lora(node):
-            return w
-        a = rng.uniform(-1, 1, node.a.shape) / np.sqrt(math.prod(node.in_shape))
-        return dataclasses.replace(node, w=w, a=jnp.asarray(a, node.a.dtype),
-                                   b=jnp.zeros(node.b.shape, node.b.dtype))
-
-    return jax.tree.map(fill, lp, r.params, is_leaf=lorax.is_lora)
+    """The row's params wrapped: ``a`` random, ``b`` zero (``helpers.wrap_filled``)."""
+    return filled(r.params, rank=RANK, **r.wrap_kw)
 
 
 def other_args(args: tuple, seed: int = 13) -> tuple:

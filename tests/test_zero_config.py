@@ -12,7 +12,6 @@ the output-head convention of the default ``targets``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import real_models
-from helpers import assert_close, lora_nodes, perturb_b
+from helpers import assert_close, lora_nodes, perturb_b, wrap_filled
 
 import lorax
 from lorax.layouts import stack_hint
@@ -39,21 +38,8 @@ def built(name: str):
 
 @functools.cache
 def wrapped(name: str):
-    """The zero-config wrap of the model's abstract params, filled: each node's ``w`` the
-    concrete kernel, ``a`` random (NumPy), ``b`` zero. (Wrapping concrete params compiles an
-    initializer per factor shape, seconds each on a busy CPU; tests/test_wrap.py covers it.)"""
-    _, params, _, _ = built(name)
-    lp = lorax.wrap(jax.eval_shape(lambda p: p, params), rank=RANK)
-    rng = np.random.default_rng(5)
-
-    def fill(node, w):
-        if not lorax.is_lora(node):
-            return w
-        a = rng.uniform(-1, 1, node.a.shape) / np.sqrt(np.prod(node.in_shape))
-        return dataclasses.replace(node, w=w, a=jnp.asarray(a, node.a.dtype),
-                                   b=jnp.zeros(node.b.shape, node.b.dtype))
-
-    return jax.tree.map(fill, lp, params, is_leaf=lorax.is_lora)
+    """The zero-config wrap of the model's params, ``a`` random and ``b`` zero."""
+    return wrap_filled(built(name)[1], rank=RANK)
 
 
 def _layouts(lp) -> dict[str, str]:
