@@ -3,6 +3,8 @@ and gradients stay those of the dense kernel ``W + s·A·B``, and errors still n
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from helpers import assert_close, dense_params, dense_params_jnp, perturb_b
 
 import lorax
-from lorax import rules
+from lorax import primitive_table
 
 N_LAYERS = 4
 
@@ -32,13 +34,15 @@ def _wrapped():
 def counted_dot(monkeypatch):
     """Counts the runs of the factorized ``dot_general`` rule's Python."""
     calls = []
-    rule = rules.RULES[jax.extend.core.primitives.dot_general_p]
+    name = jax.extend.core.primitives.dot_general_p.name
+    entry = primitive_table.TABLE[name]
 
-    def counting(invals, params):
+    def counting(invals, eqn):
         calls.append(1)
-        return rule(invals, params)
+        return entry.lora(invals, eqn)
 
-    monkeypatch.setitem(rules.RULES, jax.extend.core.primitives.dot_general_p, counting)
+    monkeypatch.setitem(primitive_table.TABLE, name,
+                        dataclasses.replace(entry, lora=counting))
     return calls
 
 
