@@ -199,15 +199,12 @@ def eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
 def _lora_eqn(eqn, invals):
     compat.check_params(eqn.primitive, eqn.params)  # unknown layouts fail loudly
     entry = lookup(eqn.primitive)
-    out = None
-    if entry is None:
-        pass
+    if entry is None:  # unknown: the fallback
+        out = None
     elif entry.infer is not None:  # higher-order: its bodies interpreted
         out = entry.lora(eval_jaxpr, eqn, invals)
     elif entry.is_consumer:  # returns arrays: staged with JAX's caches
         out = staging.apply_rule(entry.lora, eqn, invals)
     else:
         out = entry.lora(invals, eqn)
-    if out is not None:
-        return out
-    return _bind(eqn, concrete(invals, eqn.primitive.name))
+    return out if out is not None else _bind(eqn, concrete(invals, eqn.primitive.name))

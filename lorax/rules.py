@@ -265,12 +265,13 @@ def ragged_dot_rule(invals, eqn):
     node, params = v.node, eqn.params
     contract, ragged, _, _ = ragged_numbers(params)
     _, ins, outs = _axis_groups(node)
-    if node.magnitude is not None and use.contracted != frozenset(ins):
+    transposed = use.contracted != frozenset(ins)  # x @ W.T per group
+    if node.magnitude is not None and transposed:
         return None  # DoRA with x @ W.T per group: materialize
     frozen = frozen_product(eqn.primitive, x, node.w, v.w_perm, params, extra=(group_sizes,))
     rows = transpose(_dropout(x, v.key, node.dropout), (ragged, contract))
     first, second = node.a, node.b  # (g, k, r), (g, r, n)
-    if use.contracted != frozenset(ins):  # x @ W.T per group
+    if transposed:
         first, second = jnp.swapaxes(node.b, 1, 2), jnp.swapaxes(node.a, 1, 2)
     t = lax.ragged_dot(rows, first.astype(rows.dtype), group_sizes,
                        precision=params["precision"])
