@@ -80,7 +80,8 @@ def plot_metric_vs_rank(rows: Sequence[Row], path: str, metric: str = "pearson")
             f"MiniLM LoRA: test {metric} vs rank\n({_seeds_note(rows)})")
 
 
-def plot_metric_vs_params(rows: Sequence[Row], path: str, metric: str = "pearson") -> None:
+def plot_metric_vs_params(rows: Sequence[Row], path: str, metric: str = "pearson",
+                          model: str = "MiniLM") -> None:
     """Test ``metric`` against trainable parameters (log axis), baselines as stars."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, runs in _groups(rows).items():
@@ -95,7 +96,7 @@ def plot_metric_vs_params(rows: Sequence[Row], path: str, metric: str = "pearson
                     fmt="*", color=color, markersize=12, capsize=3, label=_label(r))
     ax.set_xscale("log")
     _finish(fig, ax, path, "trainable parameters", f"test {metric}",
-            f"MiniLM: test {metric} vs trainable parameters\n({_seeds_note(rows)})")
+            f"{model}: test {metric} vs trainable parameters\n({_seeds_note(rows)})")
 
 
 def _smooth(values: list[float], window: int = 10) -> list[float]:
@@ -114,7 +115,8 @@ def _mean_curve(records: list[dict]) -> tuple[list[int], np.ndarray, np.ndarray,
     return steps, curves.mean(0), curves.min(0), curves.max(0)
 
 
-def plot_training_curves(rows: Sequence[Row], records: Sequence[dict], path: str) -> None:
+def plot_training_curves(rows: Sequence[Row], records: Sequence[dict], path: str,
+                         ylabel: str = "train MSE (standardized, smoothed)") -> None:
     """Training loss (moving average; mean over seeds, min–max shaded) of the picked runs: one
     panel per target set, baselines in each."""
     by_run = defaultdict(list)
@@ -137,7 +139,7 @@ def plot_training_curves(rows: Sequence[Row], records: Sequence[dict], path: str
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("train MSE (standardized, smoothed)")
+    axes[0][0].set_ylabel(ylabel)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -26,8 +26,10 @@ from typing import Any, NamedTuple
 
 T_MIN_SEEDS = 5
 """From this many seeds on, :func:`interval` is a t-interval; below it, the min–max range."""
-HIGHER_IS_BETTER = {"pearson": True, "acc3": True, "mse": False}
+HIGHER_IS_BETTER = {"pearson": True, "acc3": True, "mse": False, "loss": False, "BLEU": True,
+                    "NIST": True, "METEOR": True, "ROUGE_L": True, "CIDEr": True}
 METRICS = ("pearson", "mse", "acc3")
+"""The sweep's metrics; another experiment passes its own to :func:`aggregate`."""
 
 
 class Interval(NamedTuple):
@@ -141,9 +143,11 @@ class Row(NamedTuple):
     lr_scores: dict[float, float]
 
 
-def aggregate(records: Sequence[dict], metric: str = "pearson") -> list[Row]:
+def aggregate(records: Sequence[dict], metric: str = "pearson",
+              metrics: Sequence[str] = METRICS) -> list[Row]:
     """One :class:`Row` per ``run`` (in first-seen order), at the learning rate picked on
-    validation ``metric``; test metrics are those of the picked learning rate's seeds only.
+    validation ``metric``; test metrics (``metrics``, each in every record's ``test`` and
+    ``val``) are those of the picked learning rate's seeds only.
     """
     chosen = select_lrs(records, metric)
     scores = lr_scores(records, metric)
@@ -156,8 +160,9 @@ def aggregate(records: Sequence[dict], metric: str = "pearson") -> list[Row]:
             run=run, method=first["method"], targets=first["targets"], rank=first["rank"],
             trainable_params=first["trainable_params"], lr=chosen[run],
             seeds=tuple(r["seed"] for r in picked),
-            test={m: interval([r["test"][m] for r in picked]) for m in METRICS},
-            val={m: interval([r["val"][m] for r in picked]) for m in METRICS},
+            test={m: interval([r["test"][m] for r in picked]) for m in metrics},
+            val={m: interval([r["val"][m] for r in picked]) for m in metrics
+                 if all(m in r["val"] for r in picked)},
             lr_scores=scores[run],
         ))
     return rows

@@ -106,8 +106,10 @@ def run_key(name: str, seed: int, lr: float, steps: int) -> str:
     return f"{name}/seed{seed}-lr{lr:g}-steps{steps}"
 
 
-def parse_lrs(tokens: list[str]) -> dict[str, tuple[float, ...]]:
-    """``["1e-3", "3e-3", "full=1e-4,3e-4"]`` → ``{"*": (1e-3, 3e-3), "full": (1e-4, 3e-4)}``.
+def parse_lrs(tokens: list[str], methods: tuple[str, ...] = VARIANTS + BASELINES
+              ) -> dict[str, tuple[float, ...]]:
+    """``["1e-3", "3e-3", "full=1e-4,3e-4"]`` → ``{"*": (1e-3, 3e-3), "full": (1e-4, 3e-4)}``
+    (``methods``: the names ``METHOD=`` may take).
 
     Example:
         >>> parse_lrs(["1e-3", "full=1e-4,3e-4"])
@@ -117,7 +119,7 @@ def parse_lrs(tokens: list[str]) -> dict[str, tuple[float, ...]]:
     for token in tokens:
         method, _, values = token.rpartition("=")
         method = method or ANY
-        if method != ANY and method not in VARIANTS + BASELINES:
+        if method != ANY and method not in methods:
             raise ValueError(f"unknown method {method!r} in --lrs {token}")
         try:
             lrs = [float(v) for v in values.split(",") if v]
