@@ -212,7 +212,8 @@ class Functions:
     """The jitted train step, loss and generation of one model, shared by every run (each
     tree structure and shape compiles once)."""
 
-    def __init__(self, config: Any, tokenizer: Any, steps: int, weight_decay: float = 0.0):
+    def __init__(self, config: Any, tokenizer: Any, steps: int, weight_decay: float = 0.0,
+                 beams: int = 1, length_penalty: float = 1.0):
         import jax
         import optax
 
@@ -243,6 +244,9 @@ class Functions:
             def apply(*args, **kwargs):
                 return model.apply({"params": tree}, *args, **kwargs)
 
+            if beams > 1:
+                return llama.beam_search(apply, config, prompts, valid, max_new_tokens,
+                                         self.eos_id, self.pad_id, beams, length_penalty)
             return llama.generate(apply, config, prompts, valid, max_new_tokens, self.eos_id,
                                   self.pad_id)
 
@@ -382,6 +386,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-mrs", type=int, help="validation MRs scored (default: all)")
     parser.add_argument("--test-mrs", type=int, help="test MRs scored (default: preset's)")
     parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--beams", type=int, default=1,
+                        help="beam search with this many beams for validation and test "
+                        "outputs (default 1: greedy)")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="beam scores are logp / length**penalty")
     parser.add_argument("--max-length", type=int, default=128,
                         help="training sequences are cut to this many tokens")
     parser.add_argument("--out", default="runs/e2e", help="output directory")
@@ -408,8 +417,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError as err:
         parser.error(str(err))
     args.seeds = list(dict.fromkeys(args.seeds))
-    if min(args.steps, args.batch_size, args.max_new_tokens, args.max_length) < 1:
-        parser.error("--steps, --batch-size, --max-new-tokens and --max-length must be positive")
+    if min(args.steps, args.batch_size, args.max_new_tokens, args.max_length, args.beams) < 1:
+        parser.error("--steps, --batch-size, --max-new-tokens, --max-length and --beams must be "
+                     "positive")
     if any(n is not None and n < 1 for n in (args.val_mrs, args.test_mrs)):
         parser.error("--val-mrs and --test-mrs must be positive")
     if not 0 < args.val_fraction < 1:
@@ -437,7 +447,10 @@ def _config(args) -> dict[str, Any]:
     # of each run's key) may grow.
     keys = ("batch_size", "alpha", "val_fraction", "split_seed", "val_mrs", "test_mrs",
             "max_new_tokens", "max_length")
-    return {"system": SYSTEM, **{k: getattr(args, k) for k in keys}}
+    config = {"system": SYSTEM, **{k: getattr(args, k) for k in keys}}
+    if args.beams > 1:  # beam settings join the shared settings only when beams are used
+        config.update(beams=args.beams, length_penalty=args.length_penalty)
+    return config
 
 
 def load_task(args, tokenizer: Any, eos_id: int) -> dict[str, Any]:
@@ -490,7 +503,8 @@ def _main(args) -> int:
     if args.export_peft:
         return export_best(args.out, args.export_peft)
     config, params, tokenizer = _load_model()
-    fns = Functions(config, tokenizer, args.steps)
+    fns = Functions(config, tokenizer, args.steps, beams=args.beams,
+                    length_penalty=args.length_penalty)
     task = load_task(args, tokenizer, fns.eos_id)
     plan = [(ZERO_SHOT, None, None, 0, 0.0, 0)] if ZERO_SHOT in args.baselines else []
     configs = [("full", None, None)] if "full" in args.baselines else []

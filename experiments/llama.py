@@ -201,6 +201,7 @@ class Llama(nn.Module):
     """The decoder: ``(tokens, ...) -> (logits, cache)`` (see the module docstring)."""
 
     config: LlamaConfig
+    unroll: int | bool = 1  # of the scan over layers (True: straight-line code, all layers)
 
     @nn.compact
     def __call__(
@@ -210,6 +211,7 @@ class Llama(nn.Module):
         cache: Cache | None = None,
         index: jax.Array | int = 0,
         valid: jax.Array | None = None,
+        embedded: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None]:
         """Logits of every position, and the cache with the new tokens written.
 
@@ -219,6 +221,8 @@ class Llama(nn.Module):
             cache: from :func:`init_cache` (or a previous call); ``None`` for a plain forward.
             index: the cache slot of the first new token.
             valid: ``(B, T)``: which new tokens are real (left padding is not); default all.
+            embedded: ``(B, T, d)`` activations to use instead of the embedding lookup of
+                ``tokens`` (a benchmark differentiates with respect to them).
         """
         c = self.config
         b, t = tokens.shape
@@ -227,7 +231,7 @@ class Llama(nn.Module):
         if valid is None:
             valid = jnp.ones((b, t), jnp.bool_)
         embed = nn.Embed(c.vocab_size, c.d_model, name="embed_tokens")
-        x = embed(tokens)
+        x = embed(tokens) if embedded is None else embedded
         if cache is None:
             keys_valid, slots, kv = valid, t, None
         else:
@@ -242,6 +246,7 @@ class Llama(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.n_layers,
+            unroll=self.unroll,
         )(c, name="layers")
         x, kv = layers(x, kv, positions, mask, index)
         x = RMSNorm(c.rms_eps, name="norm")(x)
@@ -337,3 +342,70 @@ def hf_name_map(config: LlamaConfig, prefix: str = "model.") -> dict[str, tuple[
     return {f"layers/{path}/kernel": tuple(f"{prefix}layers.{i}.{module}"
                                            for i in range(config.n_layers))
             for path, module in HF_MODULES.items()}
+
+
+def beam_search(
+    apply: Callable[..., tuple[jax.Array, Cache | None]],
+    config: LlamaConfig,
+    prompts: jax.Array,
+    prompt_valid: jax.Array,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    beams: int = 4,
+    length_penalty: float = 1.0,
+) -> jax.Array:
+    """Beam search with the KV cache (arguments as :func:`generate`).
+
+    Each row keeps ``beams`` live hypotheses and the ``beams`` best finished ones. A step scores
+    ``2·beams`` candidates by their summed log-probabilities; those ending in ``eos_id`` join
+    the finished set with score ``logp / length ** length_penalty`` (``length`` counts the
+    generated tokens, ``eos_id`` included), the best ``beams`` others stay live (the cache rows
+    are gathered from their parents). Hypotheses still live after ``max_new_tokens`` tokens
+    are scored as finished. With ``beams`` at least the number of hypotheses, this is
+    exhaustive search (``tests/test_llama.py`` checks that).
+
+    Returns:
+        ``(B, max_new_tokens)``: each row's best hypothesis (``eos_id`` included, then
+        ``pad_id``).
+    """
+    b, p = prompts.shape
+    k, n = beams, max_new_tokens
+    cache = init_cache(config, b, p + n)
+    positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0)
+    logits, cache = apply(prompts, positions=positions, cache=cache, index=0, valid=prompt_valid)
+    cache = Cache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1),
+                  jnp.repeat(cache.valid, k, axis=0))
+    logits = jnp.repeat(logits[:, -1:], k, axis=1)  # (B, K, V)
+    lengths = jnp.repeat(jnp.sum(prompt_valid, axis=1), k)
+    vocab = logits.shape[-1]
+    neg = jnp.float32(-1e30)
+    rows = jnp.arange(b)[:, None]
+
+    def step(carry, i):
+        logits, cache, seqs, logp, done_seqs, done_scores = carry
+        scores = logp[..., None] + jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        top, flat = jax.lax.top_k(scores.reshape(b, k * vocab), 2 * k)  # (B, 2K)
+        parent, token = flat // vocab, (flat % vocab).astype(prompts.dtype)
+        cand = seqs[rows, parent].at[:, :, i].set(token)  # (B, 2K, N)
+        is_eos = token == eos_id
+        last = i == n - 1
+        finishing = is_eos | last
+        norm = top / (i + 1.0) ** length_penalty
+        pool_scores = jnp.concatenate([done_scores, jnp.where(finishing, norm, neg)], axis=1)
+        pool = jnp.concatenate([done_seqs, cand], axis=1)
+        best, pick = jax.lax.top_k(pool_scores, k)
+        done_seqs, done_scores = pool[rows, pick], best
+        alive, keep = jax.lax.top_k(jnp.where(is_eos, neg, top), k)  # K live candidates
+        seqs, parent, token = cand[rows, keep], parent[rows, keep], token[rows, keep]
+        source = (rows * k + parent).reshape(-1)
+        cache = Cache(cache.k[:, source], cache.v[:, source], cache.valid[source])
+        logits, cache = apply(token.reshape(-1, 1), positions=(lengths + i)[:, None],
+                              cache=cache, index=p + i)
+        return (logits.reshape(b, k, vocab), cache, seqs, alive, done_seqs, done_scores), None
+
+    seqs = jnp.full((b, k, n), pad_id, prompts.dtype)
+    logp = jnp.where(jnp.arange(k) == 0, 0.0, neg)[None].repeat(b, axis=0)  # one live beam
+    carry = (logits, cache, seqs, logp, seqs, jnp.full((b, k), neg))
+    (_, _, _, _, done_seqs, _), _ = jax.lax.scan(step, carry, jnp.arange(n))
+    return done_seqs[:, 0]  # a hypothesis is pad_id past its eos: it was never extended

@@ -20,6 +20,7 @@ from experiments import gpt
 from experiments.bench import (
     cli,
     cost,
+    decode,
     footprint,
     ranks,
     report,
@@ -177,10 +178,95 @@ def test_quick_run_writes_both_files_with_finite_positive_numbers(tmp_path, caps
     assert planned["machine"]["date"] in markdown
 
 
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory) -> dict:
+    # The tiny random-init Llama of --quick (d = 64): the low-rank share of the LoRA step is about
+    # 1.5 r (1/d_in + 1/d_out) of the floor, so r = 2 here stands for r = 8 at SmolLM2's d = 576.
+    out = tmp_path_factory.mktemp("bench_smollm2")
+    argv = ["--quick", "--models", "smollm2", "--ranks", "2", "--no-extras", "--out", str(out)]
+    assert cli.main(argv) == 0
+    return {"results": json.loads((out / "bench.json").read_text()),
+            **json.loads((out / "bench_scale.json").read_text()),
+            "markdown": (out / "bench.md").read_text()}
+
+
+def test_smollm2_lora_step_costs_near_the_floor_and_below_full(smollm2_run):
+    (row,) = smollm2_run["results"]
+    assert (row["model"], row["rank"]) == ("smollm2", 2)
+    assert 0.9 < row["lora_over_frozen_flops"] <= 1.10
+    assert 0.55 < row["lora_over_full_flops"] < 0.8
+    assert row["merged_over_base_flops"] == 1.0
+    assert not any("handwritten" in key for key in row)  # GPT only: skipped, not failed
+    for key in ("lora_over_frozen_bytes_accessed", "lora_over_full_wall",
+                "lora_over_frozen_wall", "tokens_per_s_lora", "tokens_per_s_full",
+                "peak_bytes_lora", "peak_bytes_frozen", "temp_bytes_lora"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+    assert row["tokens"] == workloads.QUICK_BATCH * 32
+    assert row["shapes"]["n_kv_heads"] < row["shapes"]["n_heads"]  # grouped-query attention
+
+
+def test_smollm2_cost_analysis_counts_every_layer(smollm2_run):
+    # ``unroll=True``: a scanned model's while-loop body would be counted once (about half of
+    # this analytic lower bound with 2 layers).
+    (row,) = smollm2_run["results"]
+    c = workloads.quick_llama()
+    per_layer = c.d_model * (2 * c.d_model + 2 * c.n_kv_heads * c.head_dim + 3 * c.d_ff)
+    analytic = 2 * row["tokens"] * (c.n_layers * per_layer + c.vocab_size * c.d_model)
+    assert analytic <= row["flops_base_forward"] <= 1.2 * analytic
+    assert row["flops_full"] >= 3 * row["flops_base_forward"]
+
+
+def test_smollm2_decode_runs_and_unmerged_matches_merged(smollm2_run):
+    rows = smollm2_run["decode"]
+    assert [d["rows"] for d in rows] == list(decode.QUICK["batches"])
+    for d in rows:
+        assert d["tokens_match"] == 1.0
+        assert d["step_bytes_merged"] == d["step_bytes_base"] < d["step_bytes_unmerged"]
+        assert d["step_flops_merged"] == d["step_flops_base"] < d["step_flops_unmerged"]
+        for key in ("tokens_per_s_base", "tokens_per_s_merged", "tokens_per_s_unmerged",
+                    "unmerged_over_merged_wall", "merged_over_base_wall"):
+            assert math.isfinite(d[key]) and d[key] > 0, key
+        assert d["unmerged_over_merged_wall_min"] <= d["unmerged_over_merged_wall"]
+        assert d["unmerged_over_merged_wall"] <= d["unmerged_over_merged_wall_max"]
+    assert "## Decode" in smollm2_run["markdown"]
+
+
+def test_smollm2_split_matches_the_plain_model():
+    from experiments import llama
+
+    workload = workloads.make_workload("smollm2", quick=True)
+    tokens, mask = workload.batch
+    assert mask[:, :16].sum() == 0 and bool(mask[:, 16:].all())
+    logits, _ = jax.jit(llama.Llama(workload.config).apply)({"params": workload.params}, tokens)
+    assert_close(jax.jit(workload.loss)(workload.params, workload.batch),
+                 llama.causal_lm_loss(logits, tokens, mask))
+    assert_close(jax.jit(workload.forward)(workload.params, workload.batch), logits)
+
+
+def test_decode_adapter_is_nonzero_and_factorized_matches_merged():
+    from experiments import llama
+
+    workload = workloads.make_workload("smollm2", quick=True)
+    config, params = workload.config, workload.params
+    lp = decode.random_adapter(params, 2)
+    merged = lorax.merge(lp)
+    ids, valid = decode.prompts(config, 2, 8)
+    assert not valid[:, 0].all() and valid[:, -1].all()  # left-padded
+
+    def logits(tree):
+        return llama.Llama(config).apply({"params": tree}, ids)[0]
+
+    unmerged_logits, merged_logits = jax.jit(lorax.lora(logits))(lp), jax.jit(logits)(merged)
+    assert float(jnp.max(jnp.abs(unmerged_logits - merged_logits))) < 1e-4
+    assert float(jnp.max(jnp.abs(merged_logits - jax.jit(logits)(params)))) > 1e-3
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--models", "gpt,llama"], "unknown model 'llama'"),
+        (["--quick", "--models", "smollm2", "--ranks", "64"],
+         "rank 64 is too large for 'smollm2'"),
         (["--ranks", "0"], "expected a positive rank, got 0"),
         (["--ranks", "8,x"], "expected a positive rank, got 'x'"),
         (["--quick", "--ranks", "4096"], "rank 4096 is too large for 'gpt'"),

@@ -216,3 +216,43 @@ def test_e2e_quick_end_to_end(tmp_path):
     # Resuming trains nothing more.
     again = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "2 runs (2 already done)" in again.stderr
+
+
+def test_beam_search_is_exhaustive_with_enough_beams():
+    """Beam search against brute force: every continuation of up to 3 tokens over a
+    5-token vocabulary scored by the full forward (no cache), length-normalized."""
+    import itertools
+
+    config = llama.LlamaConfig(vocab_size=5, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
+                               d_ff=24)
+    model = llama.Llama(config)
+    prompts = np.array([[0, 3, 1, 2], [0, 0, 4, 4]], np.int32)  # row 1 left-padded by 2
+    valid = np.array([[1, 1, 1, 1], [0, 0, 1, 1]], bool)
+    params = model.init(jax.random.key(0), prompts)["params"]
+    params = jax.tree.map(lambda x: 4 * x, params)  # peaked distributions: distinct scores
+    eos, n, penalty = 2, 3, 0.7
+
+    def search(tree, prompts, valid):
+        def apply(*args, **kwargs):
+            return model.apply({"params": tree}, *args, **kwargs)
+        return llama.beam_search(apply, config, prompts, valid, n, eos, 0, beams=25,
+                                 length_penalty=penalty)
+
+    got = np.asarray(jax.jit(search)(params, prompts, valid))
+    forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens)[0])
+    for row in range(2):
+        prompt = prompts[row][valid[row]].tolist()
+        best, best_score = None, -np.inf
+        for length in range(1, n + 1):
+            # Hypotheses end at their first eos, or at n tokens.
+            tails = [t for t in itertools.product(range(5), repeat=length)
+                     if eos not in t[:-1] and (length == n or t[-1] == eos)]
+            logits = np.asarray(forward(np.array([prompt + list(t) for t in tails])), np.float64)
+            top = logits.max(-1, keepdims=True)
+            logp = logits - top - np.log(np.sum(np.exp(logits - top), -1, keepdims=True))
+            for i, tail in enumerate(tails):
+                total = sum(logp[i, len(prompt) - 1 + t, tok] for t, tok in enumerate(tail))
+                score = total / length ** penalty
+                if score > best_score:
+                    best, best_score = list(tail), score
+        assert got[row].tolist() == best + [0] * (n - len(best)), (row, got[row], best)

@@ -1,8 +1,11 @@
 """Benchmark: what a LoRA step costs against full fine-tuning and the frozen model.
 
 Run ``python -m experiments.bench`` (``--quick`` for a tiny smoke run, ``--help`` for flags). For
-each model (a GPT-style decoder, :mod:`experiments.gpt`, and the pretrained MiniLM encoder,
-:mod:`experiments.bert`, with a regression head) and each rank it measures, in one process:
+each model (a GPT-style decoder, :mod:`experiments.gpt`; the pretrained MiniLM encoder,
+:mod:`experiments.bert`, with a regression head; and ``smollm2``, the pretrained SmolLM2-135M
+Llama of the E2E experiment, :mod:`experiments.llama`: GQA, tied 49k-vocabulary embedding, 8
+chat-shaped sequences of 96 tokens with the loss on the last 40, all seven projections adapted,
+the tied head not) and each rank it measures, in one process:
 
 1. **FLOPs and bytes** from XLA's cost model of the compiled step (deterministic: they depend on
    shapes only):
@@ -44,15 +47,20 @@ each model (a GPT-style decoder, :mod:`experiments.gpt`, and the pretrained Mini
    bfloat16, nf4 and int8 frozen kernels, for a weight-dominated GPT
    (:data:`experiments.memory.MEMORY_GPT`) at batch 1 and 16 (``--quick``: the tiny GPT at
    batch 1 and 2).
+8. **Decode** (``smollm2`` only, :mod:`~experiments.bench.decode`): greedy KV-cache decode
+   tokens/s (48-token left-padded prompts, 32 new tokens, 8 and 64 rows) of the base params, a
+   merged r = 8 adapter and the same adapter unmerged (factorized), interleaved; the per-round
+   ratios unmerged/merged and merged/base, and XLA's bytes and FLOPs of one decode step of each.
 
 ``--quick`` shrinks everything for a smoke run: a tiny GPT (and, when asked for with
-``--models``, a tiny random-init MiniLM-shaped encoder), 3 timed rounds, no RSS subprocesses,
+``--models``, a tiny random-init MiniLM-shaped encoder or Llama, the latter decoding 2 and 4
+rows of 16 + 8 tokens), 3 timed rounds, no RSS subprocesses,
 rank sweep 1, 8, 64, and every program compiled with
 :data:`~experiments.bench.cost.FAST_COMPILE` (FLOP counts are unchanged).
 
 Outputs: the markdown report on stdout (``--json``: the JSON instead), and in ``--out DIR``:
 ``bench.md``, ``bench.json`` (a list with one object per model and rank) and
-``bench_scale.json`` (scale planning, rank scaling and the step-memory table). Machine
+``bench_scale.json`` (scale planning, rank scaling, the step-memory table and decode). Machine
 information is recorded in all three.
 """
 
@@ -71,6 +79,8 @@ from tqdm import tqdm
 import lorax
 from experiments import memory
 from experiments.bench.cost import Cost, base_costs, flop_ratios, rank_costs
+from experiments.bench.decode import QUICK as QUICK_DECODE
+from experiments.bench.decode import measure_decode
 from experiments.bench.footprint import (
     WORKER_KINDS,
     checkpoint_bytes,
@@ -218,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=_positive, default=None,
                         help="timed rounds per measurement (default: 10; 3 with --quick)")
     parser.add_argument("--models", type=_models, default=None,
-                        help="comma-separated subset of gpt,minilm (default: both; gpt with "
-                        "--quick)")
+                        help="comma-separated subset of gpt,minilm,smollm2 (default: all; gpt "
+                        "with --quick)")
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"),
                         default=["float32"],
                         help="parameter (and compute) dtypes to benchmark (default: float32)")
@@ -277,9 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.extras and w.name == "gpt" and w.shapes["dtype"] == args.dtypes[0]
     }
     stages = (len(workloads) * (2 + 2 * rss + len(ranks) * (3 + rss))
+              + sum(w.name == "smollm2" for w in workloads)
               + sum(len(set(rs) - set(ranks)) for rs in sweeps.values())
               + (len(LLAMA_SHAPES) * len(TARGET_SETS) + 2) * args.extras)
-    results, sweep, planning = [], [], []
+    results, sweep, planning, decode = [], [], [], []
     with tqdm(total=stages, file=sys.stderr, desc="bench", disable=None, leave=False) as bar:
         def progress(label: str) -> None:
             bar.set_description(label)
@@ -292,6 +303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 known = {row["rank"]: row["flops_lora"] for row in rows}
                 sweep += rank_sweep(workload, sweeps[workload.name], base["frozen"].flops,
                                     base["full"].flops, known, progress)
+            if workload.name == "smollm2":
+                progress(f"{workload.name}: decode ({steps} rounds)")
+                dtype = workload.shapes["dtype"]
+                decode += [{**row, "dtype": dtype} for row in measure_decode(
+                    workload.params, workload.config, **(QUICK_DECODE if quick else {}),
+                    rounds=steps, warmup=warmup)]
         memory_rows = []
         for name in LLAMA_SHAPES if args.extras else ():
             for targets in TARGET_SETS:
@@ -309,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in results:
         row["machine"] = machine
     scale = {"machine": machine, "scale_planning": planning, "rank_scaling": sweep,
-             "memory": memory_rows, "trace": trace, "notes": notes,
+             "memory": memory_rows, "trace": trace, "decode": decode, "notes": notes,
              "elapsed_s": time.perf_counter() - start}
     report = render_markdown(results, scale, machine)
     os.makedirs(args.out, exist_ok=True)

@@ -88,6 +88,12 @@ def _spread(row: dict[str, Any], other: str) -> str:
     return f"{row[key]:.2f} ({row[key + '_min']:.2f}-{row[key + '_max']:.2f})"
 
 
+def _wall(row: dict[str, Any], key: str) -> str:
+    """``median (min-max)`` of the per-round wall ratios ``row[key + "_wall"]``."""
+    key += "_wall"
+    return f"{row[key]:.2f} ({row[key + '_min']:.2f}-{row[key + '_max']:.2f})"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -97,7 +103,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 def render_markdown(
     results: Sequence[dict[str, Any]], scale: dict[str, Any], machine: dict[str, Any]
 ) -> str:
-    """The markdown report: cost, memory, scale-planning and rank-scaling tables."""
+    """The markdown report: cost, memory, scale-planning, rank-scaling and decode tables."""
     lines = [
         "# lorax benchmark: LoRA step vs full fine-tuning vs the frozen model",
         "",
@@ -195,6 +201,24 @@ def render_markdown(
               f"({row['lora_over_full_trace_min']:.2f}-{row['lora_over_full_trace_max']:.2f})",
               f"{row['trace_s_lora']:.2f} / {row['trace_s_full']:.2f}"]
              for row, label in traced],
+        )
+    if scale.get("decode"):
+        lines += ["", "## Decode (greedy, KV cache: base vs merged vs unmerged adapter)", "",
+                  "Tokens/s: generated tokens over the whole call (prefill included), median of "
+                  "interleaved rounds; ratios: median of per-round wall ratios (min-max). Step "
+                  "bytes/FLOPs: XLA cost analysis of one single-token decode step.", ""]
+        lines += _table(
+            ["model", "dtype", "rows", "prompt + new", "r", "tokens/s base / merged / unmerged",
+             "unmerged/merged wall", "merged/base wall", "step bytes base / merged / unmerged",
+             "unmerged/merged step bytes / FLOPs", "same tokens"],
+            [[d["model"], d.get("dtype", "float32"), d["rows"],
+              f"{d['prompt']} + {d['new_tokens']}", d["rank"],
+              " / ".join(_rate(d[f"tokens_per_s_{k}"]) for k in ("base", "merged", "unmerged")),
+              _wall(d, "unmerged_over_merged"), _wall(d, "merged_over_base"),
+              " / ".join(fmt_bytes(d[f"step_bytes_{k}"]) for k in ("base", "merged", "unmerged")),
+              f"{d['unmerged_over_merged_step_bytes']:.3f} / "
+              f"{d['unmerged_over_merged_step_flops']:.3f}",
+              f"{100 * d['tokens_match']:.1f}%"] for d in scale["decode"]],
         )
     if scale.get("memory"):
         lines += ["", "## Step memory by frozen base (XLA memory_analysis)", ""]

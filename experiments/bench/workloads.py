@@ -1,10 +1,11 @@
 """The benchmark's workloads: a model split into embed + body, its params and one batch.
 
 A :class:`Workload` holds pure functions of ``(params, batch)``: the GPT decoder
-(:func:`gpt_workload`, :mod:`experiments.gpt`) and the pretrained MiniLM encoder with a regression
-head (:func:`minilm_workload`, :mod:`experiments.bert`). The split at the embedding lets the
-benchmark differentiate with respect to the embedded input (the frozen floor, see
-:mod:`experiments.bench.steps`).
+(:func:`gpt_workload`, :mod:`experiments.gpt`), the pretrained MiniLM encoder with a regression
+head (:func:`minilm_workload`, :mod:`experiments.bert`) and the pretrained SmolLM2-135M Llama on
+the E2E experiment's shapes (:func:`smollm2_workload`, :mod:`experiments.llama`). The split at
+the embedding lets the benchmark differentiate with respect to the embedded input (the frozen
+floor, see :mod:`experiments.bench.steps`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import lorax
 from experiments import gpt
 
-MODELS = ("gpt", "minilm")
+MODELS = ("gpt", "minilm", "smollm2")
 """Every model name ``--models`` accepts."""
 
 QUICK_GPT = gpt.GPTConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, d_ff=512,
@@ -29,13 +30,32 @@ QUICK_GPT = gpt.GPTConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, d_
 QUICK_BATCH = 2
 """The batch size of ``--quick``."""
 
+SMOLLM2_SEQ = 96
+"""Tokens per sequence of the ``smollm2`` workload: the E2E experiment's chat prompt + reply."""
+
+SMOLLM2_PROMPT = 56
+"""Leading tokens of each ``smollm2`` sequence that are prompt (loss mask 0); the rest count."""
+
+
+def quick_llama() -> Any:
+    """The tiny random-init Llama of ``--quick`` (GQA: 4 query, 2 key/value heads; tied head).
+
+    Example:
+        >>> quick_llama().head_dim, quick_llama().n_kv_heads
+        (16, 2)
+    """
+    from experiments import llama
+
+    return llama.LlamaConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                             d_ff=128)
+
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """A model to benchmark, as pure functions of ``(params, batch)``.
 
     Attributes:
-        name: The model name (``"gpt"`` or ``"minilm"``).
+        name: The model name (one of :data:`MODELS`).
         params: The plain parameter tree (float32).
         batch: One training batch (a tuple of arrays).
         embed: ``(params, batch) -> h``, the float activations after the embedding lookup.
@@ -43,8 +63,8 @@ class Workload:
         forward: ``(params, batch) -> outputs``, the inference forward pass.
         wrap_kwargs: Extra keyword arguments of :func:`lorax.wrap` (e.g. a ``train`` head).
         shapes: A description of the shapes, recorded in the results.
-        config: The model's config (:class:`experiments.gpt.GPTConfig` or
-            :class:`experiments.bert.BertConfig`).
+        config: The model's config (:class:`experiments.gpt.GPTConfig`,
+            :class:`experiments.bert.BertConfig` or :class:`experiments.llama.LlamaConfig`).
     """
 
     name: str
@@ -178,6 +198,73 @@ def minilm_workload(
                     {"train": "^head/"}, shapes, config)
 
 
+def smollm2_workload(
+    batch_size: int = 8,
+    seq_len: int = SMOLLM2_SEQ,
+    prompt_len: int = SMOLLM2_PROMPT,
+    config: Any = None,
+    seed: int = 0,
+) -> Workload:
+    """SmolLM2-135M (:mod:`experiments.llama`: GQA, tied 49k-vocabulary embedding) on a fixed
+    chat-shaped batch: the E2E experiment's shapes.
+
+    The batch is ``(tokens, loss_mask)``: ``(batch_size, seq_len)`` token ids drawn from
+    ``seed`` and a mask that is 0 on the first ``prompt_len`` tokens (the prompt) and 1 on the
+    rest (the reply); the loss is :func:`experiments.llama.causal_lm_loss`. Every projection of
+    every layer is adapted (lorax's default targets); the tied embedding (lookup and
+    vocabulary head) stays frozen. The model is ``Llama(config, unroll=True)``: straight-line
+    layers, because XLA's cost model counts a while loop's body once.
+
+    Args:
+        batch_size: Sequences per batch.
+        seq_len: Tokens per sequence.
+        prompt_len: Leading tokens of each sequence without loss.
+        config: A :class:`experiments.llama.LlamaConfig` for a randomly initialised model
+            (tests, ``--quick``); ``None`` loads the pretrained weights
+            (:func:`experiments.gguf_llama.load_smollm2`, float32).
+        seed: Seed of the batch (and, with ``config``, of the parameters).
+
+    Returns:
+        The workload; its ``params`` are :class:`experiments.llama.Llama`'s tree.
+
+    Raises:
+        FileNotFoundError: Without ``config``, when the weights are not installed.
+    """
+    import flax.linen as nn
+
+    from experiments import llama
+
+    init_key, data_key = jax.random.split(jax.random.key(seed))
+    pretrained = config is None
+    if pretrained:
+        from experiments import gguf_llama
+
+        config, numpy_params, _ = gguf_llama.load_smollm2()
+        params = jax.tree.map(jnp.asarray, numpy_params)
+    else:
+        dummy = jnp.zeros((1, seq_len), jnp.int32)
+        params = jax.jit(llama.Llama(config).init)(init_key, dummy)["params"]
+    model = llama.Llama(config, unroll=True)
+    tokens = jax.random.randint(data_key, (batch_size, seq_len), 0, config.vocab_size, jnp.int32)
+    loss_mask = jnp.broadcast_to(jnp.arange(seq_len) >= prompt_len, tokens.shape)
+    batch = (tokens, loss_mask.astype(jnp.int32))
+    lookup = nn.Embed(config.vocab_size, config.d_model)
+
+    def embed(params: Any, batch: tuple[Any, ...]) -> jax.Array:
+        return lookup.apply({"params": params["embed_tokens"]}, batch[0])
+
+    def body_loss(params: Any, h: jax.Array, batch: tuple[Any, ...]) -> jax.Array:
+        logits, _ = model.apply({"params": params}, batch[0], embedded=h)
+        return llama.causal_lm_loss(logits, batch[0], batch[1])
+
+    def forward(params: Any, batch: tuple[Any, ...]) -> jax.Array:
+        return model.apply({"params": params}, batch[0])[0]
+
+    shapes = {**dataclasses.asdict(config), "batch": batch_size, "seq": seq_len,
+              "prompt": prompt_len, "pretrained": pretrained}
+    return Workload("smollm2", params, batch, embed, body_loss, forward, {}, shapes, config)
+
+
 def with_dtype(workload: Workload, dtype: str) -> Workload:
     """``workload`` with its floating parameters cast to ``dtype`` (the model then computes in
     it: Flax layers promote to their parameters' dtype).
@@ -204,7 +291,8 @@ def make_workload(name: str, quick: bool = False, dtype: str = "float32",
 
     Args:
         name: One of :data:`MODELS`.
-        quick: Tiny shapes (random-init MiniLM-shaped encoder, tiny GPT) for smoke runs.
+        quick: Tiny shapes (random-init MiniLM-shaped encoder and Llama, tiny GPT) for smoke
+            runs.
         dtype: The parameters' (hence the compute's) dtype, ``"float32"`` or ``"bfloat16"``.
         batch_size: Sequences per batch (default: 8, or :data:`QUICK_BATCH` with ``quick``).
 
@@ -230,4 +318,8 @@ def _make_workload(name: str, quick: bool, batch_size: int | None) -> Workload:
                                num_attention_heads=4, intermediate_size=384,
                                max_position_embeddings=32)
         return minilm_workload(batch, 32, tiny)
+    if name == "smollm2":
+        if not quick:
+            return smollm2_workload(batch)
+        return smollm2_workload(batch, 32, 16, quick_llama())
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
