@@ -498,25 +498,24 @@ def _load_model():
 
 
 def _main(args) -> int:
-    from experiments import sweep
+    from experiments import nlg_metrics, sweep
 
     if args.export_peft:
         return export_best(args.out, args.export_peft)
-    config, params, tokenizer = _load_model()
-    fns = Functions(config, tokenizer, args.steps, beams=args.beams,
-                    length_penalty=args.length_penalty)
-    task = load_task(args, tokenizer, fns.eos_id)
     plan = [(ZERO_SHOT, None, None, 0, 0.0, 0)] if ZERO_SHOT in args.baselines else []
     configs = [("full", None, None)] if "full" in args.baselines else []
     plan += sweep.run_order(configs + list(args.cells), args.seeds, [args.steps], args.lrs)
     done = sweep._finished(args.out, _config(args))
     keys = [sweep.run_key(run_name(m, r, t), s, lr, n) for m, r, t, s, lr, n in plan]
-    print(f"E2E: {task['train_mrs']} train MRs ({len(task['train_rows'])} pairs), "
-          f"{len(task['val'])} val / {len(task['test'])} test MRs; {len(plan)} runs "
-          f"({sum(k in done for k in keys)} already done) -> {args.out}", file=sys.stderr)
-    from experiments import nlg_metrics
-
+    print(f"E2E: {len(plan)} runs ({sum(k in done for k in keys)} already done) -> {args.out}",
+          file=sys.stderr)
     if not args.report_only and any(k not in done for k in keys):
+        config, params, tokenizer = _load_model()
+        fns = Functions(config, tokenizer, args.steps, beams=args.beams,
+                        length_penalty=args.length_penalty)
+        task = load_task(args, tokenizer, fns.eos_id)
+        print(f"{task['train_mrs']} train MRs ({len(task['train_rows'])} pairs), "
+              f"{len(task['val'])} val / {len(task['test'])} test MRs", file=sys.stderr)
         with nlg_metrics.MeteorScorer() as meteor:  # one JVM for every evaluation
             _train_all(args, fns, params, task, plan, keys, done, meteor)
     records = [done[k] for k in keys if k in done]

@@ -212,10 +212,23 @@ def test_e2e_quick_end_to_end(tmp_path):
     assert len(lora["curve"]) == 2 and all(np.isfinite(v) for _, v in lora["curve"])
     assert set(lora["test"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
     assert (out / "results.md").exists() and (out / "metric_vs_params.png").exists()
-    assert (out / "adapters" / "lora-r4-q+v" / "seed0-lr0.001-steps2").is_dir()
     # Resuming trains nothing more.
     again = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "2 runs (2 already done)" in again.stderr
+    # The best LoRA run as a PEFT adapter: lorax.peft.load gives back the saved factors.
+    export = subprocess.run([*args, "--export-peft", str(tmp_path / "peft")], cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr[-3000:]
+    config, params, _ = gguf_llama.load_smollm2()
+    loaded = lorax.peft.load(tmp_path / "peft", params, name_map=llama.hf_name_map(config))
+    restored = lorax.restore(str(out / "adapters" / "lora-r4-q+v" / "seed0-lr0.001-steps2"),
+                             params)
+    for name in ("q_proj", "v_proj"):
+        ours = loaded["layers"]["self_attn"][name]["kernel"]
+        saved = restored["layers"]["self_attn"][name]["kernel"]
+        np.testing.assert_array_equal(ours.a, saved.a)
+        np.testing.assert_array_equal(ours.b, saved.b)
+        assert ours.scale == saved.scale and np.any(np.asarray(ours.b) != 0)
 
 
 def test_beam_search_is_exhaustive_with_enough_beams():
