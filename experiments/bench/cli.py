@@ -96,7 +96,13 @@ from experiments.bench.report import machine_info, render_markdown
 from experiments.bench.scale import LLAMA_SHAPES, TARGET_SETS, plan_scale
 from experiments.bench.steps import make_steps
 from experiments.bench.timing import time_steps
-from experiments.bench.tracetime import TRACE_DEPTHS, trace_report
+from experiments.bench.tracetime import (
+    COMPILE_REPS,
+    TRACE_DEPTHS,
+    compile_summary,
+    step_times,
+    trace_report,
+)
 from experiments.bench.workloads import MODELS, QUICK_BATCH, QUICK_GPT, Workload, make_workload
 from experiments.gpt import GPTConfig
 
@@ -140,6 +146,9 @@ def bench_model(
         ckpt = checkpoint_bytes(trainable)
         progress(f"{workload.name} r={rank}: wall time ({steps} rounds)")
         wall = time_steps(workload, fns, lp, {**base_compiled, **compiled}, steps, warmup)
+        progress(f"{workload.name} r={rank}: compile time")
+        wall.update(compile_summary(step_times(workload, 1 if quick else COMPILE_REPS, rank,
+                                               compile=True)))
         row: dict[str, Any] = {
             "model": workload.name,
             "rank": rank,
@@ -286,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for w in workloads
         if args.extras and w.name == "gpt" and w.shapes["dtype"] == args.dtypes[0]
     }
-    stages = (len(workloads) * (2 + 2 * rss + len(ranks) * (3 + rss))
+    stages = (len(workloads) * (2 + 2 * rss + len(ranks) * (4 + rss))
               + sum(w.name == "smollm2" for w in workloads)
               + sum(len(set(rs) - set(ranks)) for rs in sweeps.values())
               + (len(LLAMA_SHAPES) * len(TARGET_SETS) + 2) * args.extras)

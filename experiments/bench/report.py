@@ -152,6 +152,15 @@ def render_markdown(
                      for k in ("lora", "frozen", "full", "handwritten"))]
          for r in results],
     )
+    lines += ["", "## Compile time (trace + lower + compile of the step, wall s, caches "
+              "cleared, LoRA and full interleaved; median of the per-repetition ratios)", ""]
+    lines += _table(
+        ["model", "r", "LoRA/full compile (min-max)", "s LoRA / full"],
+        [[r["model"], r["rank"], f"{r['lora_over_full_compile']:.2f} "
+          f"({r['lora_over_full_compile_min']:.2f}-{r['lora_over_full_compile_max']:.2f})",
+          f"{r['compile_s_lora']:.1f} / {r['compile_s_full']:.1f}"]
+         for r in results if "lora_over_full_compile" in r],
+    )
     lines += ["", "## Memory", ""]
     lines += _table(
         ["model", "r", "Adam state LoRA / full", "XLA temp LoRA / full / frozen",

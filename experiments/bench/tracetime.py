@@ -1,4 +1,4 @@
-"""Trace time: how long JAX takes to trace the LoRA step against the full fine-tuning step.
+"""Trace and compile time of the LoRA step against the full fine-tuning step.
 
 :func:`lorax.lora` traces the model once with each kernel shown as its frozen ``w``, then
 re-evaluates that jaxpr with the adapters, so a LoRA step costs more Python work to trace than
@@ -8,7 +8,8 @@ of the benchmark GPT (:mod:`experiments.bench.steps`), interleaved (L F L F ...)
 single-threaded Python, so the clock is the tracing thread's CPU time (``time.thread_time``):
 on a shared machine it leaves out the time spent waiting for a core. Trace time depends on the
 number of equations (layers), not on widths: the sweep uses narrow models of
-:data:`TRACE_DEPTHS` unrolled layers.
+:data:`TRACE_DEPTHS` unrolled layers. :func:`step_times` with ``compile=True`` also lowers and
+compiles each step (wall seconds): the time a user waits before the first step runs.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ import lorax
 from experiments import gpt
 from experiments.bench.cost import abstract
 from experiments.bench.steps import make_steps
-from experiments.bench.workloads import gpt_workload
+from experiments.bench.workloads import Workload, gpt_workload
 
 TRACE_DEPTHS = (24, 48)
 """Layer counts of the trace-time sweep (:func:`trace_sweep`)."""
+
+COMPILE_REPS = 2
+"""Interleaved compile-time repetitions per step in the benchmark (one with ``--quick``)."""
 
 TRACE_RANK = 8
 """LoRA rank of the traced steps (trace time does not depend on it)."""
@@ -65,6 +69,14 @@ def trace_times(config: gpt.GPTConfig, reps: int = 5, rank: int = TRACE_RANK
         True
     """
     workload = gpt_workload(config, batch_size=1, abstract_params=True)
+    return step_times(workload, reps, rank, compile=False)
+
+
+def step_times(workload: Workload, reps: int, rank: int = TRACE_RANK, compile: bool = False
+               ) -> dict[str, list[float]]:
+    """Seconds to trace (``compile=False``: the tracing thread's CPU time) or to trace, lower
+    and compile (``compile=True``: wall time, XLA compiles on its own threads) the LoRA and the
+    full step of ``workload``, ``reps`` interleaved times each, caches cleared before each."""
     steps = make_steps(workload)
     params, batch = abstract(workload.params), abstract(workload.batch)
     trainable, frozen = lorax.split(lorax.wrap(params, rank, **workload.wrap_kwargs))
@@ -73,14 +85,35 @@ def trace_times(config: gpt.GPTConfig, reps: int = 5, rank: int = TRACE_RANK
                               batch)),
         "full": (steps.full, (params, jax.eval_shape(steps.tx_full.init, params), batch)),
     }
+    clock = time.perf_counter if compile else time.thread_time
     times: dict[str, list[float]] = {name: [] for name in args}
     for _ in range(reps):
         for name, (fn, fn_args) in args.items():
             jax.clear_caches()
-            start = time.thread_time()
-            jax.jit(fn).trace(*fn_args)
-            times[name].append(time.thread_time() - start)
+            start = clock()
+            traced = jax.jit(fn).trace(*fn_args)
+            if compile:
+                traced.lower().compile()
+            times[name].append(clock() - start)
     return times
+
+
+def compile_summary(times: dict[str, list[float]]) -> dict[str, float]:
+    """The per-repetition LoRA/full compile-time ratio (median, min, max) and median seconds
+    (trace + lower + compile) of :func:`step_times` with ``compile=True``.
+
+    Example:
+        >>> compile_summary({"lora": [3.0, 4.0], "full": [2.0, 2.0]})["lora_over_full_compile"]
+        1.75
+    """
+    ratios = [a / b for a, b in zip(times["lora"], times["full"], strict=True)]
+    return {
+        "lora_over_full_compile": statistics.median(ratios),
+        "lora_over_full_compile_min": min(ratios),
+        "lora_over_full_compile_max": max(ratios),
+        "compile_s_lora": statistics.median(times["lora"]),
+        "compile_s_full": statistics.median(times["full"]),
+    }
 
 
 def trace_summary(times: dict[str, list[float]]) -> dict[str, float]:
