@@ -91,7 +91,10 @@ def plot_metric_vs_params(rows: Sequence[Row], path: str, metric: str = "pearson
             ax.annotate(f"r{r.rank}", (r.trainable_params, r.test[metric].mean), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
     for r in _baselines(rows):
-        color, _ = BASELINE_STYLE.get(r.method, ("tab:red", "-."))
+        color, style = BASELINE_STYLE.get(r.method, ("tab:red", "-."))
+        if r.trainable_params == 0:  # nothing trained (zero-shot): a line, not a point at 0
+            ax.axhline(r.test[metric].mean, color=color, linestyle=style, label=_label(r))
+            continue
         ax.errorbar([r.trainable_params], [r.test[metric].mean], yerr=_yerr([r.test[metric]]),
                     fmt="*", color=color, markersize=12, capsize=3, label=_label(r))
     ax.set_xscale("log")
