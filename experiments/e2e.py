@@ -124,8 +124,6 @@ class RunConfig:
     lr: float = 1e-3
     alpha: float = 16.0
     seed: int = 0
-    max_length: int = 128
-    weight_decay: float = 0.0
 
 
 def build_tree(method: str, params: Any, rank: int | None, targets: str | None,
@@ -473,19 +471,15 @@ def load_task(args, tokenizer: Any, eos_id: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return _main(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished runs are kept in {args.out}; rerun to resume",
-              file=sys.stderr)
-        return 130
+    from experiments import sweep
+
+    return sweep.run_cli(_main, parse_args(argv))
 
 
-def _load_model():
+def _load_model() -> tuple[Any, Any, Any]:
+    """SmolLM2's config, params (as jax arrays) and tokenizer; a missing weights package is a
+    :class:`UsageError` naming the install line."""
+    import jax
     import jax.numpy as jnp
 
     from experiments import gguf_llama
@@ -494,8 +488,6 @@ def _load_model():
         config, params, tokenizer = gguf_llama.load_smollm2()
     except gguf_llama.WeightsNotFoundError as err:
         raise UsageError(str(err)) from None
-    import jax
-
     return config, jax.tree.map(jnp.asarray, params), tokenizer
 
 
@@ -547,7 +539,7 @@ def _train_all(args, fns, params, task, plan, keys, done, meteor) -> None:
             bar.set_postfix(loss=f"{loss:.3f}")
 
         cfg = RunConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, alpha=args.alpha,
-                        seed=seed, max_length=args.max_length)
+                        seed=seed)
         record, tree = train_run(fns, params, task, method, rank, targets, cfg,
                                  args.max_new_tokens, progress, meteor)
         bar.close()

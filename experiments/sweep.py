@@ -417,9 +417,14 @@ def save_adapters(directory: str, tree: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run_cli(_main, parse_args(argv))
+
+
+def run_cli(run: Any, args: argparse.Namespace) -> int:
+    """``run(args)``, a :class:`UsageError` reported as one line (exit code 2) and Ctrl-C as
+    the resumable stop it is (130): finished runs stay in ``args.out``."""
     try:
-        return _main(args)
+        return run(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -98,40 +98,34 @@ def step_times(workload: Workload, reps: int, rank: int = TRACE_RANK, compile: b
     return times
 
 
-def compile_summary(times: dict[str, list[float]]) -> dict[str, float]:
-    """The per-repetition LoRA/full compile-time ratio (median, min, max) and median seconds
-    (trace + lower + compile) of :func:`step_times` with ``compile=True``.
+def ratio_summary(times: dict[str, list[float]], what: str) -> dict[str, float]:
+    """The per-repetition LoRA/full ratio of ``times`` (median, min, max) and the median
+    seconds of each, keyed ``lora_over_full_{what}``, ``..._min``, ``..._max``,
+    ``{what}_s_lora`` and ``{what}_s_full``.
 
     Example:
-        >>> compile_summary({"lora": [3.0, 4.0], "full": [2.0, 2.0]})["lora_over_full_compile"]
-        1.75
-    """
-    ratios = [a / b for a, b in zip(times["lora"], times["full"], strict=True)]
-    return {
-        "lora_over_full_compile": statistics.median(ratios),
-        "lora_over_full_compile_min": min(ratios),
-        "lora_over_full_compile_max": max(ratios),
-        "compile_s_lora": statistics.median(times["lora"]),
-        "compile_s_full": statistics.median(times["full"]),
-    }
-
-
-def trace_summary(times: dict[str, list[float]]) -> dict[str, float]:
-    """The per-repetition LoRA/full trace-time ratio (median, min, max) and median seconds.
-
-    Example:
-        >>> out = trace_summary({"lora": [1.0, 3.0], "full": [2.0, 2.0]})
+        >>> out = ratio_summary({"lora": [1.0, 3.0], "full": [2.0, 2.0]}, "trace")
         >>> out["lora_over_full_trace"], out["lora_over_full_trace_max"], out["trace_s_full"]
         (1.0, 1.5, 2.0)
     """
     ratios = [a / b for a, b in zip(times["lora"], times["full"], strict=True)]
     return {
-        "lora_over_full_trace": statistics.median(ratios),
-        "lora_over_full_trace_min": min(ratios),
-        "lora_over_full_trace_max": max(ratios),
-        "trace_s_lora": statistics.median(times["lora"]),
-        "trace_s_full": statistics.median(times["full"]),
+        f"lora_over_full_{what}": statistics.median(ratios),
+        f"lora_over_full_{what}_min": min(ratios),
+        f"lora_over_full_{what}_max": max(ratios),
+        f"{what}_s_lora": statistics.median(times["lora"]),
+        f"{what}_s_full": statistics.median(times["full"]),
     }
+
+
+def trace_summary(times: dict[str, list[float]]) -> dict[str, float]:
+    """:func:`ratio_summary` of trace times (:func:`trace_times`)."""
+    return ratio_summary(times, "trace")
+
+
+def compile_summary(times: dict[str, list[float]]) -> dict[str, float]:
+    """:func:`ratio_summary` of compile times (:func:`step_times` with ``compile=True``)."""
+    return ratio_summary(times, "compile")
 
 
 def trace_sweep(depths: Sequence[int] = TRACE_DEPTHS, reps: int = 5) -> list[dict[str, Any]]:
