@@ -110,9 +110,9 @@ def run_name(method: str, rank: int | None, targets: str | None) -> str:
         >>> run_name("qlora", 8, "all-linear"), run_name("full", None, None)
         ('qlora-r8-all-linear', 'full')
     """
-    if method in BASELINES:
-        return method
-    return f"{method}-r{rank}-{targets.replace(',', '+')}"
+    from experiments import sweep
+
+    return sweep.run_name(method, rank, targets, BASELINES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,14 +83,16 @@ class UsageError(Exception):
     """Bad command-line input: reported as one line, exit code 2."""
 
 
-def run_name(method: str, rank: int | None, targets: str | None) -> str:
-    """The configuration's name in ``results.jsonl`` and ``adapters/``.
+def run_name(method: str, rank: int | None, targets: str | None,
+             baselines: tuple[str, ...] = BASELINES) -> str:
+    """The configuration's name in ``results.jsonl`` and ``adapters/`` (a method in
+    ``baselines`` is named by itself).
 
     Example:
         >>> run_name("lora", 8, "q,v"), run_name("full", None, None)
         ('lora-r8-q+v', 'full')
     """
-    if method in BASELINES:
+    if method in baselines:
         return method
     return f"{method}-r{rank}-{targets.replace(',', '+')}"
 
