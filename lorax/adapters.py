@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lorax import modules
 from lorax.node import Factors, LoRA, MultiLoRA, is_adapted, is_node
 from lorax.paths import paired_leaves
 from lorax.wrapping import unwrap, wrap
@@ -73,6 +74,7 @@ def _map(fn, tree: Any) -> Any:
                         is_leaf=is_node)
 
 
+@modules.on_modules
 def put_adapter(tree: Any, name: str, lora_tree: Any, *, activate: bool = False) -> Any:
     """Inserts the LoRA factors of ``lora_tree`` (a wrapped tree of the same base) as ``name``.
 
@@ -124,6 +126,7 @@ def put_adapter(tree: Any, name: str, lora_tree: Any, *, activate: bool = False)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@modules.on_modules
 def add_adapter(tree: Any, name: str, *, activate: bool = False, **wrap_kwargs: Any) -> Any:
     """Adds a new adapter ``name`` to ``tree``, wrapping its base like :func:`lorax.wrap`.
 
@@ -161,6 +164,7 @@ def add_adapter(tree: Any, name: str, *, activate: bool = False, **wrap_kwargs: 
     return put_adapter(tree, name, wrap(unwrap(tree), **wrap_kwargs), activate=activate)
 
 
+@modules.on_modules
 def get_adapter(tree: Any, name: str) -> Any:
     """One adapter as an ordinary wrapped tree (:class:`lorax.LoRA` nodes; the others dropped).
 
@@ -199,6 +203,7 @@ def _require(tree: Any, names: Sequence[str], argname: str) -> None:
             raise ValueError(f"`{argname}`: no adapter {n!r}; adapters: {sorted(known)}")
 
 
+@modules.on_modules
 def select(tree: Any, names: str | Sequence[str], weights: Sequence[float] | None = None) -> Any:
     """Makes ``names`` the active adapters, with ``weights`` (default 1 each).
 
@@ -228,6 +233,7 @@ def select(tree: Any, names: str | Sequence[str], weights: Sequence[float] | Non
         _multi(n), active=tuple((k, w) for k, w in active if k in _multi(n).adapters)), tree)
 
 
+@modules.on_modules
 def drop_adapter(tree: Any, name: str) -> Any:
     """Removes adapter ``name`` everywhere; a node left without adapters becomes its ``w``.
 
@@ -256,6 +262,7 @@ def drop_adapter(tree: Any, name: str) -> Any:
     return _map(drop, tree)
 
 
+@modules.on_modules
 def combine_adapters(tree: Any, weights: Mapping[str, float], method: str = "cat", *,
                      name: str = "combined", rank: int | None = None) -> Any:
     """Adds adapter ``name`` made from a weighted set of adapters (they are kept).

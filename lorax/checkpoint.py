@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
+from lorax import modules
 from lorax.node import FullyTrained, LoRA, is_adapted, is_array_like, is_node
 from lorax.partition import check_whole, combine, split
 from lorax.paths import check_tree, path_str
@@ -217,6 +218,7 @@ class CheckpointManager:
         Returns:
             Whether a save was started (False when ``save_interval_steps`` skips this step).
         """
+        tree, opt_state = modules.as_tree(tree), modules.graph_state(opt_state)
         _check_adapted(tree)
         meta = describe(tree)
         if opt_state is not None:  # its leaf layout, checked against `opt_state=` on restore
@@ -255,6 +257,13 @@ class CheckpointManager:
                 the saved optimizer state does not fit ``opt_state``.
             ValueError: the checkpoint files are unreadable (corrupted or truncated).
         """
+        if modules.is_module(like) or modules.graph_state(opt_state) is not opt_state:
+            restored = self.restore(modules.as_tree(like), step,
+                                    opt_state=modules.graph_state(opt_state), extra=extra)
+            tree = modules.rebuild(like, restored.tree) if modules.is_module(like) else \
+                restored.tree
+            return restored._replace(tree=tree, opt_state=modules.with_graph_state(
+                opt_state, restored.opt_state))
         if step is None:
             step = self._manager.latest_step()
             if step is None:
@@ -362,7 +371,7 @@ def save(directory: str | os.PathLike, tree: Any, *, step: int | None = None,
         >>> bool((lorax.restore(directory, lp)["kernel"].a == lp["kernel"].a).all())
         True
     """
-    _check_adapted(tree)
+    _check_adapted(modules.as_tree(tree))
     with CheckpointManager(directory, async_save=False) as manager:
         if step is None:
             latest = manager.latest_step()

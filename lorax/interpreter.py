@@ -26,7 +26,7 @@ import jax
 from jax import lax
 from jax.extend.core import Literal
 
-from lorax import compat, infer, routing, staging
+from lorax import compat, infer, modules, routing, staging
 from lorax.layouts import Layout
 from lorax.lora_value import LayoutError, LoRAValue, concrete
 from lorax.node import LoRA, is_adapted, is_node, unbox
@@ -71,11 +71,18 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
     if not callable(fn):
         raise TypeError(f"expected `fn` to be a callable (e.g. model.apply), got "
                         f"{type(fn).__name__}")
+    if modules.is_module(fn):
+        raise TypeError(
+            f"expected `fn` to be a function of the wrapped tree, got the NNX module "
+            f"{type(fn).__name__}: lorax.lora(model) cannot see its parameters. Wrap the module "
+            "itself, model = lorax.wrap(model, rank=8), and call it (model(x) is factorized), "
+            "or transform a function that takes the state as an argument: "
+            "lorax.lora(lambda state, x: nnx.merge(graphdef, state)(x))(lorax.wrap(state), x)")
 
     @functools.wraps(fn)
     def wrapped(*args: Any, lora_key: jax.Array | None = None, adapter_ids: Any = None,
                 **kwargs: Any) -> Any:
-        return _call(fn, args, kwargs, lora_key, adapter_ids)
+        return call(fn, args, kwargs, lora_key, adapter_ids)
 
     return wrapped
 
@@ -90,7 +97,8 @@ def _proxy(x: Any) -> Any:
     return jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x
 
 
-def _call(fn, args, kwargs, lora_key, adapter_ids=None):
+def call(fn, args, kwargs, lora_key=None, adapter_ids=None):
+    """``lora(fn)(*args, lora_key=lora_key, adapter_ids=adapter_ids, **kwargs)`` (internal)."""
     closed, out_shape, leaves, dynamic = infer.trace(fn, args, kwargs, _is_unit, _proxy)
     names = ids = None
     if adapter_ids is not None:

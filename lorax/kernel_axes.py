@@ -49,8 +49,11 @@ class KernelAxes:
             f"a lorax {type(self).__name__} node (the kernel at {getattr(self, 'path', '')!r}) "
             "was used as an array: transform the function that consumes the wrapped tree with "
             "lorax.lora, e.g. lorax.lora(model.apply)({'params': lp}, x) (Linen) or "
-            "lorax.lora(lambda state, x: nnx.merge(graphdef, state)(x))(lp, x) (NNX), or fold "
-            "the adapters in with lorax.merge(lp) for inference")
+            "lorax.lora(lambda state, x: nnx.merge(graphdef, state)(x))(lp, x) (NNX), and pass "
+            "the wrapped tree to it as an argument: a tree the transformed function closes over "
+            "(a global, a captured module) is not seen by lorax.lora. An NNX module can be "
+            "wrapped itself instead, model = lorax.wrap(model), and called as is. Or fold the "
+            "adapters in with lorax.merge(lp) for inference")
 
     # Whatever touches the node first outside lorax.lora (jnp's conversion, NNX's
     # `kernel[...]`, `x @ kernel`, `kernel.T`) names the fix.

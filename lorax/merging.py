@@ -8,10 +8,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lorax import modules
 from lorax.node import FullyTrained, is_adapted, is_node
 from lorax.paths import check_tree, paired_leaves
 
 
+@modules.on_modules
 def merge(tree: Any) -> Any:
     """Returns plain params of the original structure with every adapter folded in.
 

@@ -22,10 +22,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lorax import modules
 from lorax.node import is_adapted, is_node
 from lorax.quantized import check_format, is_quantized, quantize_array
 
 
+@modules.on_modules
 def quantize(tree: Any, kind: str = "nf4", block_size: int = 64) -> Any:
     """Quantizes the frozen kernel ``w`` of every LoRA (or MultiLoRA) node of ``tree``.
 

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from lorax import modules
 from lorax.node import FullyTrained, is_adapted, is_array_like, is_node
 from lorax.paths import path_str
 from lorax.quantized import QuantizedArray
@@ -117,6 +118,7 @@ def summary(tree: Any) -> Summary:
         dense/kernel  16x8   2     4      48      lora
         trainable 48 (27.273%, 192 B) | frozen 128 (512 B) | total 176
     """
+    tree = modules.as_tree(tree)
     counts = {"trainable": [0, 0], "frozen": [0, 0]}
     adapted, full = [], []
 

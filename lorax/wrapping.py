@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax import pissa
+from lorax import modules, pissa
 from lorax.config import LoRAConfig
 from lorax.dora import adapted_norm
 from lorax.layouts import Layout, stack_hint
@@ -163,6 +163,8 @@ def wrap(
                     stacked=stacked, axes=axes, train=train, init=init, rslora=rslora,
                     dropout=dropout, key=key, dtype=dtype, dora=dora)
     config = _config(config, settings)
+    if modules.is_module(params):
+        return modules.wrap_module(params, lambda state: wrap(state, config=config), config.key)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
     paths = [path_str(kp) for kp, _ in flat]
     for path, (_, leaf) in zip(paths, flat, strict=True):
@@ -260,6 +262,7 @@ def _dora_magnitude(w, a, b, scale, layout, dtype):
     return adapted_norm(w, a, b, scale, layout).astype(dtype)
 
 
+@modules.on_modules
 def unwrap(tree: Any) -> Any:
     """Drops every adapter: LoRA nodes become their ``w``, boxes their value (no copies).
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax import modules
 from lorax.layouts import Layout
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node
 from lorax.paths import listing, path_str
@@ -107,6 +108,9 @@ def load(
         ...
         ValueError: tensor 'base_model.model.fc.lora_A.weight': module 'fc' is not in `name_map` ...
     """
+    if modules.is_module(params):  # a module of the base, or a wrapped one: its adapters go
+        return modules.rebuild(params, load(directory, modules.module_tree(params),
+                                            name_map=name_map, dtype=dtype))
     directory = Path(directory)
     config = read_config(directory)
     tensors = read_tensors(directory)

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lorax import modules
 from lorax.node import FullyTrained, LoRA, is_array_like, is_node
 from lorax.paths import path_str
 from lorax.peft.config import (
@@ -112,7 +113,7 @@ def save(
     """
     if not isinstance(use_rslora, bool | np.bool_):
         raise TypeError(f"expected `use_rslora` to be a bool, got {type(use_rslora).__name__}")
-    export = _gather(tree, name_map, bool(use_rslora))
+    export = _gather(modules.as_tree(tree), name_map, bool(use_rslora))
     _check_export(export)
     tensors = _tensors(export)
     config = make_config(
