@@ -44,17 +44,34 @@ def _inline_infer(body):
 
 
 def remat_lora(run, eqn, invals):
+    """``remat`` with its body interpreted. A kernel the body returns unchanged (NNX's
+    ``nnx.remat`` returns the module's whole state) is returned as it came in, factorized."""
     params = eqn.params
+    jaxpr = params["jaxpr"]
+    through = _returned_inputs(jaxpr, invals)
 
     def body(*values):
-        return concrete(run(params["jaxpr"], (), values), "remat output")
+        outs = run(jaxpr, (), values)
+        return concrete([o for k, o in enumerate(outs) if k not in through], "remat output")
 
     checkpointed = jax.checkpoint(body, prevent_cse=params["prevent_cse"], policy=params["policy"])
-    return checkpointed(*invals)
+    computed = iter(checkpointed(*invals))
+    return [invals[through[k]] if k in through else next(computed)
+            for k in range(len(jaxpr.outvars))]
+
+
+def _returned_inputs(jaxpr, invals) -> dict[int, int]:
+    """``{output position: input position}`` for the LoRA kernels a body returns unchanged."""
+    position = {id(var): j for j, var in enumerate(jaxpr.invars)
+                if isinstance(invals[j], LoRAValue)}
+    return {k: position[id(var)] for k, var in enumerate(jaxpr.outvars) if id(var) in position}
 
 
 def remat_infer(walker, eqn, views):
-    _returned(walker, walker.run(eqn.params["jaxpr"], views), "remat output")
+    outs = walker.run(eqn.params["jaxpr"], views)
+    through = {id(v) for v in eqn.params["jaxpr"].invars}
+    _returned(walker, [o for o, var in zip(outs, eqn.params["jaxpr"].outvars, strict=True)
+                       if id(var) not in through], "remat output")
 
 
 def scan_lora(run, eqn, invals):
@@ -78,8 +95,12 @@ def scan_lora(run, eqn, invals):
         xs.append((_stack_leading(x.node, c), keys))
         templates.append(x)
 
+    # A kernel slice the body returns unchanged (NNX's scan returns the sliced module state)
+    # comes out as the kernel that went in: {ys position: that input}, filled while tracing.
+    returned: dict[int, LoRAValue] = {}
+
     def body(carry, x_slices):
-        values = []
+        values, sliced = [], {}
         for template, x in zip(templates, x_slices, strict=True):
             if template is None:
                 values.append(x)
@@ -88,13 +109,21 @@ def scan_lora(run, eqn, invals):
             node = jax.tree.unflatten(jax.tree.structure(template.node), fields)
             v = LoRAValue(template.node, key, template.perm, template.routed)
             values.append(without_stack_axes(v, [0], node))
-        outs = concrete(run(closed.jaxpr, closed.consts, [*consts, *carry, *values]),
-                        "scan output")
-        return outs[:n_carry], outs[n_carry:]
+            sliced[id(values[-1])] = template
+        outs = run(closed.jaxpr, closed.consts, [*consts, *carry, *values])
+        ys = []
+        for k, y in enumerate(outs[n_carry:]):
+            if id(y) in sliced:
+                returned[k] = sliced[id(y)]
+            else:
+                ys.append(y)
+        return concrete(outs[:n_carry], "scan output"), concrete(ys, "scan output")
 
     carry, ys = lax.scan(body, init, xs, length=length, reverse=params["reverse"],
                          unroll=params["unroll"])
-    return [*carry, *ys]
+    computed = iter(ys)
+    n_ys = len(closed.jaxpr.outvars) - n_carry
+    return [*carry, *(returned[k] if k in returned else next(computed) for k in range(n_ys))]
 
 
 def _stack_leading(node: LoRA, c: int) -> list[Any]:

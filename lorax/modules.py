@@ -170,6 +170,8 @@ def _run_adapted(owner: Any, method: Callable[..., Any], args: tuple, kwargs: di
         node = _node(spec, variable.get_value(), [own[f].get_value() for f in spec.factors],
                      type(owner).__name__)
         own[spec.attr] = variable.replace(node)
+        for name in spec.factors:  # the node carries them; the copies the method sees are unused
+            own[name] = own[name].replace(jax.lax.stop_gradient(own[name].get_value()))
         if spec.dropout and lora_key is None and not getattr(owner, "deterministic", False):
             lora_key = _next_dropout_key(owner)
 

@@ -16,20 +16,19 @@ import pytest
 from flax import nnx
 
 import lorax
-
 from tests.helpers import assert_close
 
 D, VOCAB, LAYERS, RANK = 16, 32, 2, 4
 
 
 class Block(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.ln = nnx.LayerNorm(D, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(4, D, D, decode=False, rngs=rngs)
+    def __init__(self, rngs: nnx.Rngs, d: int = D):
+        self.ln = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(4, d, d, decode=False, rngs=rngs)
         self.drop = nnx.Dropout(0.1, rngs=rngs)
-        self.up = nnx.Linear(D, 2 * D, rngs=rngs)
-        self.bn = nnx.BatchNorm(2 * D, rngs=rngs)
-        self.down = nnx.Linear(2 * D, D, rngs=rngs)
+        self.up = nnx.Linear(d, 2 * d, rngs=rngs)
+        self.bn = nnx.BatchNorm(2 * d, rngs=rngs)
+        self.down = nnx.Linear(2 * d, d, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.ln(x)
@@ -38,19 +37,19 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs, *, scan: bool = True, remat: bool = False):
-        self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+    def __init__(self, rngs: nnx.Rngs, *, scan: bool = True, remat: bool = False, d: int = D):
+        self.embed = nnx.Embed(VOCAB, d, rngs=rngs)
         self.scan, self.remat = scan, remat
         if scan:
             @nnx.split_rngs(splits=LAYERS)
             @nnx.vmap(in_axes=(0,), out_axes=0)
             def make(rngs: nnx.Rngs) -> Block:
-                return Block(rngs)
+                return Block(rngs, d)
 
             self.blocks = make(rngs)
         else:
-            self.blocks = nnx.List([Block(rngs) for _ in range(LAYERS)])
-        self.head = nnx.Linear(D, VOCAB, rngs=rngs)
+            self.blocks = nnx.List([Block(rngs, d) for _ in range(LAYERS)])
+        self.head = nnx.Linear(d, VOCAB, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = self.embed(tokens)
@@ -177,7 +176,7 @@ def test_three_adam_steps_under_nnx_jit_match_the_functional_path(remat):
     # no optimizer state for W: Adam's mu and nu are factor-sized
     opt_sizes = sum(x.size for x in jax.tree.leaves(nnx.state(optimizer, nnx.OptState)))
     factor_sizes = sum(x.size for x in _factors(model).values())
-    assert opt_sizes == 2 * factor_sizes + 1  # + Adam's count
+    assert opt_sizes == 2 * factor_sizes + 2  # + Adam's count and the optimizer's step
 
     tree, rest, ref_losses = _functional_steps(_base(remat=remat), 3)
     assert_close(np.float32(losses), np.float32(ref_losses), ulps=64)
@@ -211,3 +210,187 @@ def test_merge_gives_the_base_classes_and_the_same_function():
     unwrapped = lorax.unwrap(model)
     base.eval()
     np.testing.assert_array_equal(unwrapped(TOKENS), base(TOKENS))
+
+
+COST_TOKENS = jax.random.randint(jax.random.key(3), (8, 65), 0, VOCAB)
+
+
+def _step_cost(step, *nodes) -> dict[str, float]:
+    """XLA's cost analysis of ``step(*nodes, tokens)`` compiled as a pure function of the
+    nodes' state (what ``nnx.jit`` compiles)."""
+    graphdef, state = nnx.split(nodes)
+
+    def pure(state, tokens):
+        nodes = nnx.merge(graphdef, state)
+        return step(*nodes, tokens), nnx.state(nodes)
+
+    cost = jax.jit(pure).lower(state, COST_TOKENS).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return {k: float(cost[k]) for k in ("flops", "bytes accessed")}
+
+
+def _functional_grad_cost(base: nnx.Module) -> float:
+    """FLOPs of the functional path's loss and factor gradients on ``base``'s state: the
+    wrapped ``nnx.Param`` state through lorax.lora and lorax.value_and_grad."""
+    graphdef, params, rest = nnx.split(base, nnx.Param, ...)
+
+    @lorax.lora
+    def forward(params, rest, tokens):
+        model = nnx.merge(graphdef, params, rest)
+        return loss_fn(model, tokens), nnx.state(model, nnx.Not(nnx.Param))
+
+    grad_fn = lorax.value_and_grad(forward, has_aux=True)
+    cost = jax.jit(grad_fn).lower(lorax.wrap(params, rank=RANK), rest, COST_TOKENS).compile()
+    cost = cost.cost_analysis()
+    return float((cost[0] if isinstance(cost, list | tuple) else cost)["flops"])
+
+
+def test_the_module_step_costs_what_the_functional_step_costs():
+    """The module's loss and gradients cost what the functional path's cost on the same model
+    (FLOPs within 1%), and its whole nnx.Optimizer step is far below full fine-tuning's: no
+    W-sized gradient, no W + s·A·B, no optimizer state for W. The blocks are a Python loop so
+    that the cost analysis counts every layer (it counts a scan body once)."""
+    def full_step(model, optimizer, tokens):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, tokens)
+        optimizer.update(model, grads)
+        return loss
+
+    def grads_only(model, tokens):
+        return nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(
+            model, tokens)
+
+    base = _base(scan=False, d=128)
+    full = _step_cost(full_step, base, nnx.Optimizer(base, optax.adam(1e-2), wrt=nnx.Param))
+    model = lorax.wrap(base, rank=RANK)
+    step = _step_cost(_train_step.__wrapped__, model,
+                      nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam))
+    grads = _step_cost(grads_only, model)
+    ref = _functional_grad_cost(base)
+    assert abs(grads["flops"] / ref - 1) < 0.01, (grads, ref)
+    assert step["flops"] / full["flops"] < 0.75, (step, full)
+    assert step["bytes accessed"] / full["bytes accessed"] < 0.85, (step, full)
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc = nnx.Linear(8, 16, rngs=rngs)
+        self.out = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out(nnx.relu(self.fc(x)))
+
+
+X = jax.random.normal(jax.random.key(4), (3, 8))
+
+
+def _trained_mlp(**wrap_kw) -> nnx.Module:
+    model = lorax.wrap(MLP(nnx.Rngs(0)), rank=2, **wrap_kw)
+    for _, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        variable.set_value(variable.get_value() + 0.1)  # b != 0: the adapter does something
+    return model
+
+
+def test_save_restore_and_checkpoint_manager_with_an_nnx_optimizer(tmp_path):
+    model = _trained_mlp()
+    lorax.save(tmp_path / "one", model)
+    restored = lorax.restore(tmp_path / "one", lorax.wrap(MLP(nnx.Rngs(0)), rank=2))
+    for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.state(restored, nnx.LoRAParam)),
+                                      nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)),
+                                      strict=True):
+        np.testing.assert_array_equal(got.get_value(), want.get_value(), err_msg=str(path))
+    # the plain base module: the settings come from the checkpoint
+    from_base = lorax.restore(tmp_path / "one", MLP(nnx.Rngs(0)))
+    np.testing.assert_array_equal(from_base(X), model(X))
+
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, optimizer):
+        grads = nnx.grad(lambda m: (m(X) ** 2).sum(), argnums=nnx.DiffState(0, nnx.LoRAParam))(
+            model)
+        optimizer.update(model, grads)
+
+    step(model, optimizer)
+    with lorax.CheckpointManager(tmp_path / "run", async_save=False) as manager:
+        manager.save(1, model, opt_state=optimizer)
+        like = lorax.wrap(MLP(nnx.Rngs(0)), rank=2)
+        fresh = nnx.Optimizer(like, optax.adam(1e-2), wrt=nnx.LoRAParam)
+        got = manager.restore(like, opt_state=fresh)
+    np.testing.assert_array_equal(got.tree(X), model(X))
+    assert isinstance(got.opt_state, nnx.Optimizer)
+    for a, b in zip(jax.tree.leaves(nnx.state(got.opt_state)),
+                    jax.tree.leaves(nnx.state(optimizer)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_peft_summary_and_merge_read_the_module_as_the_functional_tree(tmp_path):
+    model = _trained_mlp()
+    tree = lorax.modules.module_tree(model)
+    name_map = {"fc/kernel": "fc", "out/kernel": "out"}
+    lorax.peft.save(tmp_path / "module", model, name_map=name_map)
+    lorax.peft.save(tmp_path / "tree", tree, name_map=name_map)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "module" / name).read_bytes() == (tmp_path / "tree" / name).read_bytes()
+    loaded = lorax.peft.load(tmp_path / "module", MLP(nnx.Rngs(0)), name_map=name_map)
+    assert_close(loaded(X), model(X), ulps=64)
+    assert str(lorax.summary(model)) == str(lorax.summary(tree))
+    assert lorax.summary(model).trainable == sum(
+        x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    merged = lorax.merge(model)
+    want = jax.tree.map(np.asarray, lorax.merge(tree))
+    np.testing.assert_array_equal(merged.fc.kernel.get_value(), want["fc"]["kernel"].get_value())
+
+
+def test_named_adapters_dora_and_qlora_on_a_module():
+    base = MLP(nnx.Rngs(0))
+    two = lorax.add_adapter(lorax.add_adapter(base, "fr", rank=2), "de", rank=3)
+    assert {"kernel_lora_fr_a", "kernel_lora_de_b"} <= set(vars(two.fc))
+    fr = lorax.select(two, "fr")
+    fr.fc.kernel_lora_fr_b.set_value(jnp.ones_like(fr.fc.kernel_lora_fr_b.get_value()))
+    tree = lorax.modules.module_tree(fr)
+    want = lorax.lora(lambda p, x: nnx.merge(nnx.graphdef(base), p)(x))(tree, X)
+    assert_close(fr(X), want)
+    assert_close(fr(X), lorax.merge(fr)(X), ulps=256)
+
+    dora = lorax.wrap(base, rank=2, dora=True)
+    assert "kernel_lora_magnitude" in vars(dora.fc)
+    np.testing.assert_allclose(dora(X), base(X), rtol=1e-5, atol=1e-6)
+
+    qlora = lorax.quantize(lorax.wrap(base, rank=2), "nf4")
+    assert type(qlora.fc.kernel.get_value()).__name__ == "QuantizedArray"
+    optimizer = nnx.Optimizer(qlora, optax.adam(1e-2), wrt=nnx.LoRAParam)
+    loss = lambda m: ((m(X) - 1.0) ** 2).mean()  # noqa: E731
+    before = float(loss(qlora))
+    for _ in range(3):
+        grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(qlora)
+        optimizer.update(qlora, grads)
+    assert float(loss(qlora)) < before
+    want = lorax.lora(lambda p, x: nnx.merge(nnx.graphdef(base), p)(x))(
+        lorax.modules.module_tree(qlora), X)
+    assert_close(qlora(X), want)
+
+
+def test_lora_dropout_on_a_module_follows_train_and_eval():
+    model = lorax.wrap(MLP(nnx.Rngs(0)), rank=2, dropout=0.5)
+    b = model.out.kernel_lora_b
+    b.set_value(jnp.ones_like(b.get_value()))
+    first, second = model(X), model(X)
+    assert not np.array_equal(first, second)  # a new mask each call: the counter advances
+    model.eval()
+    np.testing.assert_array_equal(model(X), model(X))
+    tree = lorax.modules.module_tree(model)
+    want = lorax.lora(lambda p, x: nnx.merge(nnx.graphdef(MLP(nnx.Rngs(0))), p)(x))(tree, X)
+    assert_close(model(X), want)
+
+
+def test_mistakes_get_errors_that_name_the_fix():
+    model = lorax.wrap(MLP(nnx.Rngs(0)), rank=2)
+    with pytest.raises(ValueError, match="already has nnx.LoRAParam"):
+        lorax.wrap(model, rank=2)
+    with pytest.raises(TypeError, match=r"Wrap the module itself, model = lorax.wrap"):
+        lorax.lora(model)
+    graphdef, state = nnx.split(MLP(nnx.Rngs(0)))
+    wrapped = lorax.wrap(state, rank=2)
+    closes_over = lorax.lora(lambda x: nnx.merge(graphdef, wrapped)(x))
+    with pytest.raises(TypeError, match="pass the wrapped tree to it as an argument"):
+        closes_over(X)
