@@ -14,7 +14,7 @@ Wrap a parameter tree, transform the function that consumes it, train the factor
 True
 """
 
-from lorax import adapters, analysis, dora, layouts, peft, pissa
+from lorax import adapters, analysis, dora, layouts, modules, peft, pissa
 from lorax.adapters import add_adapter, combine_adapters, drop_adapter, get_adapter, select
 from lorax.checkpoint import CheckpointManager, CheckpointMismatchError, restore, save
 from lorax.config import LoRAConfig
@@ -56,6 +56,7 @@ __all__ = [
     "layouts",
     "lora",
     "merge",
+    "modules",
     "optimizer",
     "partition_specs",
     "peft",

@@ -75,7 +75,11 @@ def wrap(
 
     Args:
         params: a Flax Linen ``params`` dict (or FrozenDict), an ``nnx.State``, or any pytree of
-            arrays; trees of ``jax.ShapeDtypeStruct`` give abstract factors.
+            arrays; trees of ``jax.ShapeDtypeStruct`` give abstract factors. Or an NNX
+            module: then the result is a copy of the module whose adapted kernels compute
+            factorized when it is called, with the factors as ``nnx.LoRAParam`` variables
+            beside each kernel (``kernel_lora_a``, ``kernel_lora_b``); train it with
+            ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` (see :mod:`lorax.modules`).
         rank: the default rank ``r``; it may exceed a kernel's ``min(in, out)``, as in PEFT
             (except with ``init="pissa"``).
         targets: which leaves to adapt. ``None`` selects every floating leaf of at least 2 dims
@@ -125,7 +129,9 @@ def wrap(
             :func:`lorax.lora`-transformed function gets a ``lora_key``.
         key: PRNG key for ``a``; ``None`` means ``jax.random.key(0)``. Each leaf's key is
             derived from its path, so the same key gives bit-identical factors.
-        dtype: dtype of the factors; default the kernel's dtype.
+        dtype: dtype of the factors; default the kernel's dtype promoted to at least
+            float32 (a bf16 or fp16 kernel gets float32 factors, as PEFT's
+            ``autocast_adapter_dtype``; see :meth:`lorax.LoRAConfig.factor_dtype`).
         dora: DoRA (arXiv 2402.09353): each node also gets a trainable ``magnitude`` per
             output unit, initialised to the column norms of ``w + scale * a @ b`` (the norm
             over the input axes), and computes ``magnitude * V / ||V||_c`` with
@@ -136,7 +142,8 @@ def wrap(
 
     Returns:
         A tree of the same structure where each selected leaf is a :class:`lorax.LoRA` node and
-        each ``train`` leaf a :class:`lorax.FullyTrained` box.
+        each ``train`` leaf a :class:`lorax.FullyTrained` box; for a module, the wrapped
+        module (``train`` leaves become ``nnx.LoRAParam`` variables).
 
     Raises:
         ValueError: for a bad argument, naming it and the offending path.

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from helpers import cpu_devices_env
+from helpers import assert_close, cpu_devices_env
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -47,3 +47,15 @@ def test_quickstart_then_checkpoints_run_in_order_without_warnings(tmp_path):
     assert run.returncode == 0, output
     assert "RESUMED" in run.stdout
     assert not re.search(r"warn", output, flags=re.I), output  # absl, Python or JAX warnings
+
+
+def test_nnx_modules_section_runs(capsys):
+    (block,) = python_blocks("NNX modules")
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+    assert "fc/kernel" in capsys.readouterr().out
+    losses = [float(v) for v in namespace["losses"]]
+    assert losses[2] < losses[0]
+    model, served, x = namespace["model"], namespace["served"], namespace["x"]
+    assert type(served.fc).__name__ == "Linear" and model.fc.kernel_lora_b.get_value().any()
+    assert_close(served(x), model(x))
