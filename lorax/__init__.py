@@ -25,9 +25,9 @@ from lorax.merging import merge, unmerge
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_lora
 from lorax.optimizers import optimizer
 from lorax.partition import combine, split, trainable, value_and_grad
-from lorax.quantization import quantize
+from lorax.quantization import dequantize, quantize
 from lorax.quantized import QuantizedArray
-from lorax.sharding import factor_specs, partition_specs, shardings
+from lorax.sharding import factor_specs, partition_specs, shardings, state_shardings
 from lorax.summaries import Summary, summary
 from lorax.version import __version__ as __version__
 from lorax.wrapping import unwrap, wrap
@@ -47,6 +47,7 @@ __all__ = [
     "analysis",
     "combine",
     "combine_adapters",
+    "dequantize",
     "dora",
     "drop_adapter",
     "factor_specs",
@@ -67,6 +68,7 @@ __all__ = [
     "select",
     "shardings",
     "split",
+    "state_shardings",
     "summary",
     "trainable",
     "unmerge",

@@ -167,5 +167,17 @@ class LoRAConfig:
         return jax.random.fold_in(self.key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
     def factor_dtype(self, w: Any) -> Any:
-        """``dtype``, or the kernel's own."""
-        return self.dtype if self.dtype is not None else jnp.dtype(w.dtype)
+        """``dtype``, or the kernel's dtype promoted to at least float32 (as PEFT's
+        ``autocast_adapter_dtype``): a bf16 or fp16 kernel gets float32 factors, whose small
+        optimizer updates are not rounded away; float32 and float64 kernels keep theirs.
+
+        Example:
+            >>> import dataclasses, jax, jax.numpy as jnp, lorax
+            >>> w = jax.ShapeDtypeStruct((8, 8), jnp.bfloat16)
+            >>> cfg = lorax.LoRAConfig()
+            >>> cfg.factor_dtype(w), dataclasses.replace(cfg, dtype="bfloat16").factor_dtype(w)
+            (dtype('float32'), dtype(bfloat16))
+        """
+        if self.dtype is not None:
+            return self.dtype
+        return jnp.promote_types(w.dtype, jnp.float32)

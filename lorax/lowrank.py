@@ -12,9 +12,13 @@ problem: an activation ``x`` laid out ``(*batch, *free, *contract)``, a first fa
   materializes transposed copies of ``dy``/``x``, recomputing elementwise producers (GELU′, the
   logit gradient) in transposed order.
 * **A fused epilogue.** With no batch or free-stack axes, ``(N, r)·(r, O)`` is written as ``r``
-  broadcast multiply-adds (:func:`rank_expand`, a ``jax.custom_vjp`` whose backward is the two
-  plain rank-``r`` products), which XLA fuses into the consumer's ``x·W + …`` add: no
-  activation-sized temporary is written and read back.
+  broadcast multiply-adds (:func:`rank_expand`), which XLA fuses into the consumer's
+  ``x·W + …`` add: no activation-sized temporary is written and read back. It is a
+  ``jax.custom_jvp`` whose tangent is linear in plain products, arranged so that JAX's
+  transpose of it is the backward pass a ``custom_vjp`` would spell: the two rank-``r`` matrix
+  products, and the input gradient ``dt·firstᵀ`` as the same fused epilogue
+  (:func:`rank_reduce`). Reverse mode costs what it did with a ``custom_vjp``, and forward
+  mode (``jax.jvp``, ``jax.jacfwd``) works.
 
 On meshes with Explicit axes nothing is reshaped (the merged axes would need shardings spelled
 out); the products then contract the axes as they are.
@@ -30,29 +34,40 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
-from lorax import compat
-
-# The custom_vjp rules below are jitted (static precision): JAX then traces each once per
+# The derivative rules below are jitted (static precision): JAX then traces each once per
 # signature, not once per layer, and XLA inlines them where they are called.
 EPILOGUE_MAX_RANK = 32
 """The largest rank written as broadcast multiply-adds (:func:`rank_expand`); above it the
 second product is a matrix product (its arithmetic intensity is then worth a kernel)."""
 
-
-def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
-    """``cotangent`` summed over the manual mesh axes it varies over and ``primal`` does not
-    (inside ``shard_map``: a replicated factor's gradient from device-varying activations),
-    in ``primal``'s dtype. Plain autodiff inserts the same ``psum`` (the transpose of the
-    implicit ``pvary``); a ``custom_vjp`` backward must do it itself."""
-    extra = _vma(cotangent) - _vma(primal)
-    if extra:
-        cotangent = lax.psum(cotangent, tuple(sorted(extra)))
-    return cotangent.astype(primal.dtype)
+_MATMUL = (((1,), (0,)), ((), ()))  # (N, K)·(K, M)
 
 
-def _vma(x: jax.Array) -> frozenset:
-    return compat.varying_axes(x)
+def _dot(a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
+    return lax.dot_general(a, b, _MATMUL, precision=precision)
+
+
+def _sum(terms: list[jax.Array]) -> jax.Array:
+    out = terms[0]
+    for term in terms[1:]:
+        out = out + term
+    return out
+
+
+def _tangent_rule(fn: Any) -> Any:
+    """``fn(precision, *operands)``, a tangent linear in its ``None``-or-array tangent operands,
+    jitted (traced once per signature) and rematerialized: reverse mode keeps only its
+    operands as residuals and recomputes the rest in the backward pass, as a ``custom_vjp``
+    backward would."""
+    return jax.jit(jax.checkpoint(fn, prevent_cse=False, static_argnums=(0,)),
+                   static_argnums=0)
+
+
+def _tangents(tangents: Sequence[Any]) -> list[Any]:
+    """The tangents of a ``symbolic_zeros`` JVP rule with ``None`` for symbolic zeros."""
+    return [None if isinstance(t, SymbolicZero) else t for t in tangents]
 
 
 def rank_expand(t: jax.Array, second: jax.Array) -> jax.Array:
@@ -75,58 +90,93 @@ def rank_expand(t: jax.Array, second: jax.Array) -> jax.Array:
     return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def rank_reduce(d: jax.Array, first: jax.Array) -> jax.Array:
+    """``d @ first`` for ``d: (N, K)``, ``first: (K, r)`` as ``r`` row reductions, in ``d``'s
+    dtype (accumulated in float32 at least): the transpose of :func:`rank_expand` with
+    ``firstᵀ``, so JAX's transpose of this product *is* that fused epilogue.
+
+    Example:
+        >>> d, first = jnp.arange(6.0).reshape(2, 3), jnp.ones((3, 2))
+        >>> bool((rank_reduce(d, first) == d @ first).all())
+        True
+    """
+    acc = jnp.promote_types(d.dtype, jnp.float32)
+    d32, first = d.astype(acc), first.astype(acc)
+    columns = [jnp.sum(d32 * first[:, k][None, :], axis=1, keepdims=True)
+               for k in range(first.shape[1])]
+    return jnp.concatenate(columns, axis=1).astype(d.dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _fused_lowrank(x: jax.Array, first: jax.Array, second: jax.Array, precision: Any):
     """``(x·first)·second`` for ``x: (N, K)``, with both activation-sized results (the forward
-    output and the input gradient) written as :func:`rank_expand` epilogues."""
+    output and, in reverse mode, the input gradient) written as :func:`rank_expand` epilogues.
+
+    A ``custom_jvp`` whose tangent is linear in plain JAX products, so forward mode
+    (``jax.jvp``, ``jax.jacfwd``) works, and JAX's transpose of it is the backward pass a
+    ``custom_vjp`` would write: ``dt = g·secondᵀ``, ``d second = tᵀ·g``, ``d first = xᵀ·dt``,
+    ``dx = dt·firstᵀ`` as a fused epilogue (the tangent's ``dx·first`` is
+    :func:`rank_reduce`), residuals ``x``, ``first``, ``second`` and ``t = x·first``.
+    """
     return _fused_forward(x, first, second, precision)[0]
 
 
 @functools.partial(jax.jit, static_argnums=3)
 def _fused_forward(x, first, second, precision):
-    t = lax.dot_general(x, first, (((1,), (0,)), ((), ())), precision=precision)
-    return rank_expand(t, second).astype(x.dtype), (x, first, second, t)
+    t = _dot(x, first, precision)
+    return rank_expand(t, second).astype(x.dtype), t
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _fused_backward(precision, residuals, g):
-    x, first, second, t = residuals
-    dt = lax.dot_general(g, second.astype(g.dtype), (((1,), (1,)), ((), ())),
-                         precision=precision)
-    dsecond = lax.dot_general(t.astype(g.dtype), g, (((0,), (0,)), ((), ())),
-                              precision=precision)
-    dfirst = lax.dot_general(x, dt.astype(x.dtype), (((0,), (0,)), ((), ())),
-                             precision=precision)
-    dx = rank_expand(dt, first.T)
-    return _like(dx, x), _like(dfirst, first), _like(dsecond, second)
+@_tangent_rule
+def _fused_tangent(precision, x, first, second, t, dx, dfirst, dsecond):
+    dt = []
+    if dx is not None:
+        dt.append(rank_reduce(dx, first))
+    if dfirst is not None:
+        dt.append(_dot(x, dfirst, precision))
+    dy = [_dot(_sum(dt), second, precision)] if dt else []
+    if dsecond is not None:
+        dy.append(_dot(t, dsecond, precision))
+    return _sum(dy).astype(x.dtype)
 
 
-_fused_lowrank.defvjp(_fused_forward, _fused_backward)
+def _fused_jvp(precision, primals, tangents):
+    x, first, second = primals
+    y, t = _fused_forward(x, first, second, precision)
+    return y, _fused_tangent(precision, x, first, second, t, *_tangents(tangents))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+_fused_lowrank.defjvp(_fused_jvp, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _expand_product(t: jax.Array, second: jax.Array, precision: Any) -> jax.Array:
-    """``t·second`` for ``t: (N, r)`` as a :func:`rank_expand` epilogue; the backward is the two
-    rank-``r`` matrix products."""
+    """``t·second`` for ``t: (N, r)`` as a :func:`rank_expand` epilogue; its tangent is two
+    plain products, so the backward pass is the two rank-``r`` matrix products ``g·secondᵀ``
+    and ``tᵀ·g``."""
+    return _expand_forward(t, second)
+
+
+@jax.jit
+def _expand_forward(t, second):
     return rank_expand(t, second).astype(t.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _expand_product_forward(t, second, precision):
-    return _expand_product(t, second, precision), (t, second)
+@_tangent_rule
+def _expand_tangent(precision, t, second, dt, dsecond):
+    dy = [] if dt is None else [_dot(dt, second, precision)]
+    if dsecond is not None:
+        dy.append(_dot(t, dsecond, precision))
+    return _sum(dy).astype(t.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _expand_product_backward(precision, residuals, g):
-    t, second = residuals
-    dt = lax.dot_general(g, second.astype(g.dtype), (((1,), (1,)), ((), ())),
-                         precision=precision)
-    dsecond = lax.dot_general(t.astype(g.dtype), g, (((0,), (0,)), ((), ())),
-                              precision=precision)
-    return _like(dt, t), _like(dsecond, second)
+def _expand_jvp(precision, primals, tangents):
+    t, second = primals
+    return _expand_forward(t, second), _expand_tangent(precision, t, second,
+                                                       *_tangents(tangents))
 
 
-_expand_product.defvjp(_expand_product_forward, _expand_product_backward)
+_expand_product.defjvp(_expand_jvp, symbolic_zeros=True)
 
 
 MERGE_MIN_OUT = 4096
@@ -151,12 +201,15 @@ def merge_pays(n_rows: int, n_in: int, n_out: int) -> bool:
     return n_out >= MERGE_MIN_OUT and n_rows * (n_in + n_out) > n_in * n_out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def merged_product(x: jax.Array, w: jax.Array, first: jax.Array, second: jax.Array,
                    precision: Any = None) -> jax.Array:
-    """``x·(w + first·second)`` for ``x: (N, K)``, ``w: (K, O)``, gradients of ``x`` and the
-    factors only, none of them full-size: ``d first = xᵀ·(g·secondᵀ)``, ``d second =
-    (x·first)ᵀ·g``, ``dx = g·(w + first·second)ᵀ``. The scale is folded into ``second``.
+    """``x·(w + first·second)`` for ``x: (N, K)``, ``w: (K, O)``, reverse mode without any
+    full-size gradient: ``d first = xᵀ·(g·secondᵀ)``, ``d second = (x·first)ᵀ·g``,
+    ``dx = g·(w + first·second)ᵀ`` (``w`` is frozen; in forward mode its tangent counts). The
+    scale is folded into ``second``. A ``custom_jvp`` with a tangent linear in plain products,
+    whose transpose by JAX is that backward pass (residuals ``x``, the merged kernel and the
+    factors; ``x·first`` recomputed).
 
     Example:
         >>> x, w = jnp.ones((4, 3)), jnp.eye(3)
@@ -172,28 +225,34 @@ def _merged_forward(x, w, first, second, precision):
     if first.shape[1] <= EPILOGUE_MAX_RANK:
         delta = rank_expand(first, second)  # fused into the one pass over w
     else:
-        delta = lax.dot_general(first, second, (((1,), (0,)), ((), ())), precision=precision)
+        delta = _dot(first, second, precision)
     merged = (w + delta).astype(w.dtype)
-    y = lax.dot_general(x, merged.astype(x.dtype), (((1,), (0,)), ((), ())),
-                        precision=precision)
-    return y, (x, merged, first, second)
+    return _dot(x, merged.astype(x.dtype), precision), merged
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _merged_backward(precision, residuals, g):
-    x, merged, first, second = residuals
-    dims = (((1,), (1,)), ((), ()))
-    dx = lax.dot_general(g, merged.astype(g.dtype), dims, precision=precision)
-    t = lax.dot_general(x, first.astype(x.dtype), (((1,), (0,)), ((), ())),
-                        precision=precision)
-    dsecond = lax.dot_general(t, g, (((0,), (0,)), ((), ())), precision=precision)
-    dfirst = lax.dot_general(x, lax.dot_general(g, second.astype(g.dtype), dims,
-                                                precision=precision),
-                             (((0,), (0,)), ((), ())), precision=precision)
-    return _like(dx, x), None, _like(dfirst, first), _like(dsecond, second)
+@_tangent_rule
+def _merged_tangent(precision, x, merged, first, second, dx, dw, dfirst, dsecond):
+    dy = []
+    if dx is not None:
+        dy.append(_dot(dx, merged.astype(dx.dtype), precision))
+    if dw is not None:
+        dy.append(_dot(x, dw.astype(x.dtype), precision))
+    if dfirst is not None:
+        dy.append(_dot(_dot(x, dfirst.astype(x.dtype), precision), second.astype(x.dtype),
+                       precision))
+    if dsecond is not None:
+        dy.append(_dot(_dot(x, first.astype(x.dtype), precision), dsecond.astype(x.dtype),
+                       precision))
+    return _sum(dy).astype(x.dtype)
 
 
-merged_product.defvjp(_merged_forward, _merged_backward)
+def _merged_jvp(precision, primals, tangents):
+    x, w, first, second = primals
+    y, merged = _merged_forward(x, w, first, second, precision)
+    return y, _merged_tangent(precision, x, merged, first, second, *_tangents(tangents))
+
+
+merged_product.defjvp(_merged_jvp, symbolic_zeros=True)
 
 
 def feature_product(t: jax.Array, second: jax.Array, feature: int,

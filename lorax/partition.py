@@ -35,7 +35,9 @@ def split(tree: Any) -> tuple[Any, Any]:
     """Splits ``tree`` into ``(trainable, frozen)`` halves with ``None`` holes.
 
     Differentiating only the trainable half is the cheapest gradient pattern;
-    :func:`lorax.value_and_grad` does it for you.
+    :func:`lorax.value_and_grad` does it for you. Like :func:`trainable`, it works on any tree
+    (an unwrapped one has an empty trainable half, which :func:`lorax.value_and_grad` and
+    ``lorax.optimizer(tx).init`` refuse).
 
     Example:
         >>> import jax.numpy as jnp, lorax
@@ -92,6 +94,26 @@ lorax.split (W is None at 'kernel'): pass lorax.combine(train, frozen)
                 "lorax.combine(train, frozen)")
 
 
+def check_trainable(tree: Any, argname: str, hint: str = "") -> None:
+    """Refuses a tree with no trainable leaf (no LoRA factors, no ``train`` leaves): training
+    it would be a silent no-op, all gradients ``None`` and every update masked.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_trainable({"kernel": jnp.ones((4, 4))}, "`params`")
+        Traceback (most recent call last):
+        ...
+        ValueError: no trainable leaves: wrap the tree with lorax.wrap first \
+(lorax.wrap(params, rank=8)); `params` holds no LoRA factors and no `train` leaves, so \
+training it would change nothing
+    """
+    if not any(jax.tree.leaves(trainable(tree))):
+        raise ValueError(
+            "no trainable leaves: wrap the tree with lorax.wrap first (lorax.wrap(params, "
+            f"rank=8)); {argname} holds no LoRA factors and no `train` leaves, so training it "
+            f"would change nothing{hint}")
+
+
 def value_and_grad(
     fun: Callable[..., Any], *, argnums: int = 0, has_aux: bool = False
 ) -> Callable[..., tuple[Any, Any]]:
@@ -120,6 +142,11 @@ def value_and_grad(
     Returns:
         A function with ``fun``'s signature returning ``(value, grads)``.
 
+    Raises:
+        ValueError: when called with a half of :func:`split` where the whole tree belongs, or
+            with a tree that has no trainable leaves (not wrapped: every gradient would be
+            ``None``).
+
     Example:
         >>> import jax.numpy as jnp, lorax
         >>> lp = lorax.wrap({"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}, rank=2)
@@ -138,7 +165,10 @@ def value_and_grad(
         if argnums >= len(args):
             raise TypeError(f"`argnums={argnums}` names positional argument {argnums}, but "
                             f"only {len(args)} were given")
-        check_whole(args[argnums], f"argument {argnums} of the differentiated function")
+        where = f"argument {argnums} of the differentiated function"
+        check_whole(args[argnums], where)
+        check_trainable(args[argnums], where,
+                        f" (or `argnums={argnums}` does not name the wrapped tree's position)")
         train, frozen = split(args[argnums])
 
         def of_train(train_half: Any) -> Any:

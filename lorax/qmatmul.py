@@ -12,8 +12,13 @@ operand (``x`` in the forward, ``dy`` in the backward), so XLA can neither run t
 front nor merge the backward's with the forward's (either would keep the float kernel alive
 between the passes).
 
-``W`` gets no gradient (it is frozen; its codes are integers). Reverse mode only: a
-``jax.jvp`` through a quantized kernel raises JAX's ``custom_vjp`` error.
+``W`` gets no gradient (it is frozen; its codes are integers). Reverse mode only: forward-mode
+autodiff (``jax.jvp``, ``jax.jacfwd``) through a quantized kernel raises a ``TypeError`` naming
+the kernel and the fix, :func:`lorax.quantization.dequantize` (a float base, whose factorized
+product supports both modes). A ``jax.jvp`` traced inside ``jax.jit`` only fails when JAX
+compiles its tangent, with JAX's own ``custom_vjp`` error. (``jax.custom_derivatives.
+linear_call`` could pair a forward-mode tangent with this backward pass, but it has no batching
+rule, which ``vmap`` of a gradient, per-example gradients, needs.)
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ def _after_batched(axis_size: int, in_batched: list[bool], codes: jax.Array, x: 
 
 
 def frozen_product(primitive: Any, x: jax.Array, w: Any, perm: tuple[int, ...],
-                   params: dict[str, Any], side: int = 1, extra: tuple = ()) -> jax.Array:
+                   params: dict[str, Any], side: int = 1, extra: tuple = (),
+                   path: str = "") -> jax.Array:
     """``primitive`` applied to ``x`` and the frozen kernel ``w`` in the program's layout.
 
     Args:
@@ -72,10 +78,14 @@ def frozen_product(primitive: Any, x: jax.Array, w: Any, perm: tuple[int, ...],
         params: the primitive's parameters.
         side: 1 when ``w`` is the right operand, 0 when it is the left one.
         extra: further operands after the two (``ragged_dot``'s group sizes).
+        path: the kernel's path, for the forward-mode error.
 
     Returns:
         ``primitive.bind(x, view(w), **params)`` (operands swapped for ``side == 0``),
         differentiable in ``x`` only (integer ``x``, a lookup's indices: not at all).
+
+    Raises:
+        TypeError: under forward-mode autodiff with a quantized ``w`` (reverse mode only).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -127,4 +137,20 @@ def frozen_product(primitive: Any, x: jax.Array, w: Any, perm: tuple[int, ...],
         return dx, None, None
 
     product.defvjp(forward, backward)
-    return product(x, w.codes, w.scales)
+    try:
+        return product(x, w.codes, w.scales)
+    except TypeError as err:
+        if "forward-mode" not in str(err):
+            raise
+        raise forward_mode_error(path) from None
+
+
+def forward_mode_error(path: str) -> TypeError:
+    """The error for forward-mode autodiff through the quantized kernel at ``path``."""
+    where = f" at {path!r}" if path else ""
+    return TypeError(
+        f"forward-mode autodiff (jax.jvp, jax.jacfwd) through the quantized kernel{where} is "
+        "not supported: lorax dequantizes a quantized "
+        "W again in the backward pass (a jax.custom_vjp), which is reverse mode only. For "
+        "forward mode, dequantize the base first: "
+        "lorax.lora(fn)(lorax.quantization.dequantize(tree), ...)")

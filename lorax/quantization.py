@@ -72,3 +72,31 @@ def quantize(tree: Any, kind: str = "nf4", block_size: int = 64) -> Any:
     if not found:
         raise ValueError("expected `tree` to hold LoRA nodes (from lorax.wrap), got none")
     return out
+
+
+@modules.on_modules
+def dequantize(tree: Any) -> Any:
+    """Undoes :func:`quantize`: every quantized ``w`` of a LoRA (or MultiLoRA) node becomes the
+    float array it stands for, in its dtype (factors untouched, nothing else changes).
+
+    The factorized product of a quantized base is reverse mode only (it dequantizes ``W``
+    again in the backward pass); on the dequantized tree forward-mode autodiff (``jax.jvp``,
+    ``jax.jacfwd``) works, with the same values.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax
+        >>> qp = lorax.quantize(lorax.wrap({"kernel": jnp.ones((128, 64))}, rank=4), "int8")
+        >>> w = lorax.quantization.dequantize(qp)["kernel"].w
+        >>> type(w).__name__, w.dtype, bool((w == 1.0).all())
+        ('ArrayImpl', dtype('float32'), True)
+    """
+
+    def go(node: Any) -> Any:
+        if not (is_adapted(node) and is_quantized(node.w)):
+            return node
+        w = node.w
+        if isinstance(w.codes, jax.ShapeDtypeStruct):  # an abstract tree
+            return dataclasses.replace(node, w=jax.ShapeDtypeStruct(w.shape, jnp.dtype(w.dtype)))
+        return dataclasses.replace(node, w=w.dequantize())
+
+    return jax.tree.map(go, tree, is_leaf=is_node)

@@ -249,7 +249,7 @@ def dot_general_rule(invals, eqn):
     # would save XLA's transposed copy of W for dy·Wᵀ on CPU, but under FSDP (sharded W, auto
     # axes) the partitioner then all-gathers W and all-reduces W-sized results the frozen
     # step does not (tests/test_distributed.py).
-    frozen = frozen_product(eqn.primitive, x, node.w, v.w_perm, params, side)
+    frozen = frozen_product(eqn.primitive, x, node.w, v.w_perm, params, side, path=node.path)
     return _combined(v, frozen, low, positions)
 
 
@@ -268,7 +268,8 @@ def ragged_dot_rule(invals, eqn):
     transposed = use.contracted != frozenset(ins)  # x @ W.T per group
     if node.magnitude is not None and transposed:
         return None  # DoRA with x @ W.T per group: materialize
-    frozen = frozen_product(eqn.primitive, x, node.w, v.w_perm, params, extra=(group_sizes,))
+    frozen = frozen_product(eqn.primitive, x, node.w, v.w_perm, params, extra=(group_sizes,),
+                            path=node.path)
     rows = transpose(_dropout(x, v.key, node.dropout), (ragged, contract))
     first, second = node.a, node.b  # (g, k, r), (g, r, n)
     if transposed:
@@ -293,7 +294,7 @@ def conv_rule(invals, eqn):
         return None
     v, _ = checked
     lhs, params, node = invals[0], eqn.params, v.node
-    frozen = frozen_product(eqn.primitive, lhs, node.w, v.w_perm, params)
+    frozen = frozen_product(eqn.primitive, lhs, node.w, v.w_perm, params, path=node.path)
     x = _dropout(lhs, v.key, node.dropout)
     a_kernel = transpose(node.a.astype(x.dtype), v.perm)  # program layout, out features -> r
     t = eqn.primitive.bind(x, a_kernel, **{**params, "preferred_element_type": None})
@@ -315,7 +316,8 @@ def gather_rule(invals, eqn):
     if node.n_stack or len(outs) != 1:
         return None
     out_axis = v.perm.index(outs[0])  # the program's axis holding the output features
-    frozen = frozen_product(eqn.primitive, indices, node.w, v.w_perm, params, side=0)
+    frozen = frozen_product(eqn.primitive, indices, node.w, v.w_perm, params, side=0,
+                            path=node.path)
     slice_sizes = list(params["slice_sizes"])
     slice_sizes[out_axis] = node.rank
     t = eqn.primitive.bind(transpose(node.a, v.perm), indices,

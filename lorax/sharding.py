@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lorax.layouts import Layout
 from lorax.node import FullyTrained, LoRA, MultiLoRA, is_adapted, is_array_like, is_node
+from lorax.partition import split
 from lorax.paths import path_str
 
 # Flax logical-axis rules: ((logical_name, mesh_axes_or_None), ...).
@@ -251,6 +252,65 @@ def shardings(tree: Any, base_specs: Any, mesh: Mesh, *, rules: Rules | None = N
     """
     specs = partition_specs(tree, base_specs, rules=rules)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+
+def state_shardings(tx: Any, tree: Any, base_specs: Any, mesh: Mesh, *,
+                    rules: Rules | None = None) -> tuple[Any, Any]:
+    """The shardings of what a train step returns: the trainable half and the optimizer state.
+
+    Give them to ``jax.jit(step, out_shardings=...)`` (and to ``jax.jit(tx.init,
+    out_shardings=...)``): without them XLA chooses the outputs' shardings itself, and a factor
+    may come back sharded differently from how it went in (``b`` of a row-parallel kernel,
+    ``P(None, None)``, returned as ``P(None, 'fsdp')`` after one step).
+
+    The trainable half's shardings are those of :func:`shardings` with the frozen leaves'
+    holes of :func:`lorax.split`. The state is ``jax.eval_shape(tx.init, train)`` for
+    ``train = lorax.split(tree)[0]`` (the documented pattern); each of its array leaves that
+    mirrors a parameter (Adam's ``mu`` and ``nu``, an accumulator: its key path ends with the
+    parameter's, and it has the parameter's shape) gets the parameter's sharding, every other
+    one (a step count, a factored statistic of another shape) is replicated, ``P()``.
+
+    Args:
+        tx: the optimizer, e.g. ``lorax.optimizer(optax.adamw(1e-3))``.
+        tree: the whole wrapped tree (arrays or ``jax.ShapeDtypeStruct``\\ s).
+        base_specs: the base model's specs, as for :func:`partition_specs`.
+        mesh: the ``Mesh``.
+        rules: Flax logical-axis rules, as for :func:`partition_specs`.
+
+    Returns:
+        ``(train_shardings, opt_state_shardings)``, trees of ``NamedSharding`` with the
+        structures of ``lorax.split(tree)[0]`` and of ``tx.init`` of it.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, optax, lorax
+        >>> from jax.sharding import Mesh, PartitionSpec as P
+        >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+        >>> lp = lorax.wrap({"kernel": jnp.ones((8, 4))}, rank=2)
+        >>> tx = lorax.optimizer(optax.adam(1e-3))
+        >>> train, state = state_shardings(tx, lp, {"kernel": P("model", None)}, mesh)
+        >>> train["kernel"].a.spec, train["kernel"].w
+        (P('model', None), None)
+        >>> adam = state.inner_states["lorax_trainable"].inner_state[0]
+        >>> adam.mu["kernel"].a.spec, adam.count.spec
+        (P('model', None), P())
+    """
+    train_shardings = split(shardings(tree, base_specs, mesh, rules=rules))[0]
+    train = split(tree)[0]
+    abstract = jax.eval_shape(tx.init, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train))
+    params = [(tuple(keypath), tuple(leaf.shape), sharding) for (keypath, leaf), sharding in zip(
+        jax.tree_util.tree_flatten_with_path(train)[0], jax.tree.leaves(train_shardings),
+        strict=True)]
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def of(keypath: Any, leaf: Any) -> NamedSharding:
+        keypath = tuple(keypath)
+        matches = [(len(path), sharding) for path, shape, sharding in params
+                   if keypath[len(keypath) - len(path):] == path
+                   and tuple(leaf.shape) == shape]
+        return max(matches, key=lambda m: m[0])[1] if matches else replicated
+
+    return train_shardings, jax.tree_util.tree_map_with_path(of, abstract)
 
 
 def place_factors(w: Any, a: Any, b: Any, layout: Layout) -> tuple[Any, Any]:

@@ -1,12 +1,14 @@
 """`lorax.wrap(module)`: an NNX module trained with NNX's own tools, against the functional path.
 
-The model is a small transformer with every NNX part the issue names: Embed, Linear,
-MultiHeadAttention, LayerNorm, Dropout, BatchNorm (batch statistics), and a stack of blocks made
-with ``nnx.vmap`` and run with ``nnx.scan`` (optionally under ``nnx.remat``), or as a Python loop
-over an ``nnx.List`` (so XLA's cost analysis sees every layer).
+The model is :mod:`experiments.nnx_transformer`, a small transformer with every NNX part the
+issue names: Embed, Linear, MultiHeadAttention, LayerNorm, Dropout, BatchNorm (batch
+statistics), and a stack of blocks made with ``nnx.vmap`` and run with ``nnx.scan``
+(optionally under ``nnx.remat``, or unrolled so XLA's cost analysis sees every layer).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,66 +18,24 @@ import pytest
 from flax import nnx
 
 import lorax
+from experiments import nnx_transformer as nt
 from tests.helpers import assert_close
 
-D, VOCAB, LAYERS, RANK = 16, 32, 2, 4
-
-
-class Block(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs, d: int = D):
-        self.ln = nnx.LayerNorm(d, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(4, d, d, decode=False, rngs=rngs)
-        self.drop = nnx.Dropout(0.1, rngs=rngs)
-        self.up = nnx.Linear(d, 2 * d, rngs=rngs)
-        self.bn = nnx.BatchNorm(2 * d, rngs=rngs)
-        self.down = nnx.Linear(2 * d, d, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.ln(x)
-        x = x + self.drop(self.attn(h, mask=nnx.make_causal_mask(h[..., 0])))
-        return x + self.down(nnx.relu(self.bn(self.up(x))))
-
-
-class Transformer(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs, *, scan: bool = True, remat: bool = False, d: int = D):
-        self.embed = nnx.Embed(VOCAB, d, rngs=rngs)
-        self.scan, self.remat = scan, remat
-        if scan:
-            @nnx.split_rngs(splits=LAYERS)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def make(rngs: nnx.Rngs) -> Block:
-                return Block(rngs, d)
-
-            self.blocks = make(rngs)
-        else:
-            self.blocks = nnx.List([Block(rngs, d) for _ in range(LAYERS)])
-        self.head = nnx.Linear(d, VOCAB, rngs=rngs)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = self.embed(tokens)
-        if self.scan:
-            def body(x, block):
-                return block(x)
-
-            if self.remat:
-                body = nnx.remat(body)
-            x = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
-        else:
-            for block in self.blocks:
-                x = block(x)
-        return self.head(x)
+RANK = 4
+CONFIG = nt.TransformerConfig()  # vocab 64, d 32, 2 layers
 
 
 def loss_fn(model: nnx.Module, tokens: jax.Array) -> jax.Array:
-    logits = model(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    return nt.loss_fn(model, tokens)
 
 
-TOKENS = jax.random.randint(jax.random.key(1), (4, 9), 0, VOCAB)
+TOKENS = jax.random.randint(jax.random.key(1), (4, 9), 0, CONFIG.vocab_size)
 
 
-def _base(**kwargs) -> Transformer:
-    return Transformer(nnx.Rngs(0), **kwargs)
+def _base(*, unroll: bool = False, remat: bool = False, d: int = CONFIG.d_model,
+          max_len: int = CONFIG.max_len) -> nnx.Module:
+    config = dataclasses.replace(CONFIG, unroll=unroll, remat=remat, d_model=d, max_len=max_len)
+    return nt.Transformer(config, rngs=nnx.Rngs(0))
 
 
 def _kernels(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -101,15 +61,16 @@ def test_wrap_is_pure_and_places_lora_params_beside_each_kernel():
     before = _kernels(base)
     model = lorax.wrap(base, rank=RANK)
     assert not jax.tree.leaves(nnx.state(base, nnx.LoRAParam))  # the original is untouched
-    assert type(base.head) is nnx.Linear and type(base) is Transformer
+    assert type(base.head) is nnx.Linear and type(base) is nt.Transformer
     factors = _factors(model)
     # every Linear of the stacked blocks (q, k, v, out, up, down) and the head; not the embedding
     owners = {k.rsplit("/", 1)[0] for k in factors}
     assert owners == {"blocks/attn/query", "blocks/attn/key", "blocks/attn/value",
-                      "blocks/attn/out", "blocks/up", "blocks/down", "head"}
-    assert factors["blocks/up/kernel_lora_a"].shape == (LAYERS, D, RANK)  # a stack: per layer
-    assert factors["blocks/up/kernel_lora_b"].shape == (LAYERS, RANK, 2 * D)
-    assert factors["head/kernel_lora_a"].shape == (D, RANK)
+                      "blocks/attn/out", "blocks/mlp_in", "blocks/mlp_out", "head"}
+    layers, d, d_ff = CONFIG.n_layers, CONFIG.d_model, CONFIG.d_ff
+    assert factors["blocks/mlp_in/kernel_lora_a"].shape == (layers, d, RANK)  # one per layer
+    assert factors["blocks/mlp_in/kernel_lora_b"].shape == (layers, RANK, d_ff)
+    assert factors["head/kernel_lora_a"].shape == (d, RANK)
     assert not factors["head/kernel_lora_b"].any()
     assert isinstance(model.head, nnx.Linear) and type(model.head) is not nnx.Linear
     kernels = _kernels(model)
@@ -117,9 +78,9 @@ def test_wrap_is_pure_and_places_lora_params_beside_each_kernel():
     assert all((kernels[k] == before[k]).all() for k in before)
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_step0_equals_base_and_a_trained_adapter_equals_dense_math(scan):
-    base = _base(scan=scan)
+@pytest.mark.parametrize("unroll", [False, True])
+def test_step0_equals_base_and_a_trained_adapter_equals_dense_math(unroll):
+    base = _base(unroll=unroll)
     model = lorax.wrap(base, rank=RANK)
     base.eval()
     model.eval()
@@ -202,20 +163,20 @@ def test_merge_gives_the_base_classes_and_the_same_function():
     for _ in range(2):
         _train_step(model, optimizer, TOKENS)
     merged = lorax.merge(model)
-    assert type(merged.head) is nnx.Linear and type(merged.blocks.up) is nnx.Linear
+    assert type(merged.head) is nnx.Linear and type(merged.blocks.mlp_in) is nnx.Linear
     assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
     model.eval()
     merged.eval()
     assert_close(merged(TOKENS), model(TOKENS), ulps=256)
     unwrapped = lorax.unwrap(model)  # the base kernels back (batch statistics as trained)
-    assert type(unwrapped.blocks.up) is nnx.Linear
+    assert type(unwrapped.blocks.mlp_in) is nnx.Linear
     assert not jax.tree.leaves(nnx.state(unwrapped, nnx.LoRAParam))
     kernels, base_kernels = _kernels(unwrapped), _kernels(base)
     assert kernels.keys() == base_kernels.keys()
     assert all((kernels[k] == base_kernels[k]).all() for k in kernels)
 
 
-COST_TOKENS = jax.random.randint(jax.random.key(3), (8, 65), 0, VOCAB)
+COST_TOKENS = jax.random.randint(jax.random.key(3), (8, 65), 0, CONFIG.vocab_size)
 
 
 def _step_cost(step, *nodes) -> dict[str, float]:
@@ -262,7 +223,7 @@ def test_the_module_step_costs_what_the_functional_step_costs():
         return nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(
             model, tokens)
 
-    base = _base(scan=False, d=128)
+    base = _base(unroll=True, d=128, max_len=64)
     full = _step_cost(full_step, base, nnx.Optimizer(base, optax.adam(1e-2), wrt=nnx.Param))
     model = lorax.wrap(base, rank=RANK)
     step = _step_cost(_train_step.__wrapped__, model,
@@ -277,10 +238,14 @@ def test_the_module_step_costs_what_the_functional_step_costs():
 class MLP(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
         self.fc = nnx.Linear(8, 16, rngs=rngs)
+        self.hidden = nnx.List([nnx.Linear(16, 16, rngs=rngs) for _ in range(2)])
         self.out = nnx.Linear(16, 4, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.out(nnx.relu(self.fc(x)))
+        x = nnx.relu(self.fc(x))
+        for layer in self.hidden:  # owners inside an nnx.List
+            x = nnx.relu(layer(x))
+        return self.out(x)
 
 
 X = jax.random.normal(jax.random.key(4), (3, 8))
@@ -329,7 +294,8 @@ def test_save_restore_and_checkpoint_manager_with_an_nnx_optimizer(tmp_path):
 def test_peft_summary_and_merge_read_the_module_as_the_functional_tree(tmp_path):
     model = _trained_mlp()
     tree = lorax.modules.module_tree(model)
-    name_map = {"fc/kernel": "fc", "out/kernel": "out"}
+    name_map = {"fc/kernel": "fc", "out/kernel": "out", "hidden/0/kernel": "hidden.0",
+                "hidden/1/kernel": "hidden.1"}
     lorax.peft.save(tmp_path / "module", model, name_map=name_map)
     lorax.peft.save(tmp_path / "tree", tree, name_map=name_map)
     for name in ("adapter_model.safetensors", "adapter_config.json"):

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from helpers import assert_close, cpu_devices_env
@@ -453,6 +454,52 @@ def _check_explicit_mesh_tensor_parallel():
                     P("data", None))
 
 
+def _check_train_state_keeps_its_shardings():
+    """A jitted train step whose out_shardings are lorax.sharding.state_shardings keeps every
+    factor and every optimizer-state leaf on its intended sharding over several steps (Adam's
+    moments on their factor's, the count replicated), and computes the unsharded steps."""
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {"up": {"kernel": jax.random.normal(k1, (16, 64)) / 4, "bias": jnp.zeros(64)},
+              "down": {"kernel": jax.random.normal(k2, (64, 16)) / 8}}
+    specs = {"up": {"kernel": P(None, "fsdp"), "bias": P("fsdp")},
+             "down": {"kernel": P("fsdp", None)}}
+    tx = lorax.optimizer(optax.adamw(1e-2))
+    forward = lorax.lora(lambda p, x: jnp.tanh(x @ p["up"]["kernel"] + p["up"]["bias"][None])
+                         @ p["down"]["kernel"])
+
+    def step(train, frozen, opt_state, x, y):
+        loss, grads = lorax.value_and_grad(lambda p: jnp.mean((forward(p, x) - y) ** 2))(
+            lorax.combine(train, frozen))
+        updates, opt_state = tx.update(grads, opt_state, train)
+        return optax.apply_updates(train, updates), opt_state, loss
+
+    x, y = jnp.linspace(-1.0, 1.0, 8 * 16).reshape(8, 16), jnp.ones((8, 16))
+    placed = jax.tree.map(lambda w, s: jax.device_put(w, NamedSharding(mesh, s)), params, specs)
+    lp = lorax.wrap(placed, rank=4)
+    train_sh, state_sh = lorax.sharding.state_shardings(tx, lp, specs, mesh)
+    adam = state_sh.inner_states["lorax_trainable"].inner_state[0]
+    assert adam.mu == adam.nu == train_sh and adam.count.spec == P()
+    assert train_sh["up"]["kernel"].b.spec == P(None, "fsdp")
+    assert train_sh["down"]["kernel"].a.spec == P("fsdp", None)
+    train, frozen = lorax.split(lp)
+    opt_state = jax.jit(tx.init, out_shardings=state_sh)(train)
+    sharded_step = jax.jit(step, out_shardings=(train_sh, state_sh, None))
+    xs, ys = (jax.device_put(v, NamedSharding(mesh, P("data"))) for v in (x, y))
+    plain_train, plain_frozen = lorax.split(lorax.wrap(params, rank=4))
+    plain_state = tx.init(plain_train)
+    for _ in range(3):
+        train, opt_state, _ = sharded_step(train, frozen, opt_state, xs, ys)
+        plain_train, plain_state, _ = jax.jit(step)(plain_train, plain_frozen, plain_state, x, y)
+    for got, want in ((train, train_sh), (opt_state, state_sh)):
+        for (keypath, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                                             jax.tree.leaves(want), strict=True):
+            assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (
+                jax.tree_util.keystr(keypath), leaf.sharding, sharding)
+    assert_close(train, plain_train)
+    assert_close(opt_state, plain_state)
+
+
 CHECKS = {
     "wrap_places_factors": _check_wrap_places_factors,
     "wrap_variants_place_factors": _check_wrap_variants_place_factors,
@@ -460,6 +507,7 @@ CHECKS = {
     "restore_onto_derived_shardings": _check_restore_onto_derived_shardings,
     "explicit_mesh_data_parallel": _check_explicit_mesh_data_parallel,
     "explicit_mesh_tensor_parallel": _check_explicit_mesh_tensor_parallel,
+    "train_state_keeps_its_shardings": _check_train_state_keeps_its_shardings,
 }
 def _worker(report_path: str) -> None:
     jax.config.update("jax_numpy_rank_promotion", "raise")

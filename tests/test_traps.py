@@ -1,5 +1,7 @@
 """The traps a new user falls into: each is refused early with a message that names the fix."""
 
+import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -13,7 +15,14 @@ import optax
 import pytest
 import safetensors.numpy
 from flax import nnx
-from helpers import assert_close
+from helpers import (
+    assert_close,
+    dense_delta,
+    dense_params_jnp,
+    lora_nodes,
+    perturb_b,
+    wrap_filled,
+)
 
 import lorax
 import lorax.peft
@@ -272,3 +281,253 @@ def test_summary_rows_for_variants_and_train_leaves():
     assert s.adapted[0].kind == "dora, int8 base"
     assert s.trained == (lorax.summaries.TrainedLeaf("head/kernel", (8, 2), 16),)
     assert "head/kernel  8x2" in str(s) and "dora, int8 base" in str(s)
+
+
+
+# --- round 3: mixed precision, forward mode, optimizer states, unwrapped trees ---------------
+
+BF16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+
+
+def _factors(tree):
+    return np.concatenate([np.ravel(n.a) for n in lora_nodes(tree)])
+
+
+def _bf16_mlp():
+    """A bf16 base model (two bf16 Dense layers) on bf16 inputs, with a regression target."""
+    model = nn.Sequential([nn.Dense(64), jnp.tanh, nn.Dense(8)])
+    rng = np.random.default_rng(0)
+    params = {name: {"kernel": rng.standard_normal(shape) / np.sqrt(shape[0]),
+                     "bias": np.zeros(shape[1])}
+              for name, shape in (("layers_0", (32, 64)), ("layers_2", (64, 8)))}
+    params = jax.tree.map(lambda p: jnp.asarray(p, BF16), params)
+    x = jnp.linspace(-1.0, 1.0, 16 * 32).reshape(16, 32)
+    return model, params, x.astype(BF16), jnp.sin(3.0 * x[:, :8]).astype(BF16)
+
+
+def _adam_steps(lp, model, x, y, steps=20, lr=1e-4):
+    """``steps`` Adam steps of the documented pattern: the trained tree and the last grads."""
+    loss = lorax.lora(lambda p, x: jnp.mean(
+        (model.apply({"params": p}, x).astype(jnp.float32) - y.astype(jnp.float32)) ** 2))
+    tx = lorax.optimizer(optax.adam(lr))
+    train, frozen = lorax.split(lp)
+
+    @jax.jit
+    def step(train, state):
+        _, grads = lorax.value_and_grad(loss)(lorax.combine(train, frozen), x)
+        updates, state = tx.update(grads, state, train)
+        return optax.apply_updates(train, updates), state, grads
+
+    state = tx.init(train)
+    for _ in range(steps):
+        train, state, grads = step(train, state)
+    return lorax.combine(train, frozen), grads
+
+
+def test_bf16_base_trains_float32_factors():
+    model, params, x, y = _bf16_mlp()
+    lp = wrap_filled(params, rank=4)  # lorax.wrap's factor dtypes, `a` from NumPy
+    trained, grads = _adam_steps(lp, model, x, y)
+    assert np.mean(_factors(lp) == _factors(trained)) == 0.0  # every entry of `a` moved
+    # The trap, as a control: bf16 factors round Adam's lr-sized steps away.
+    lp16 = wrap_filled(params, rank=4, dtype=jnp.bfloat16)
+    assert np.mean(_factors(lp16) == _factors(_adam_steps(lp16, model, x, y)[0])) > 0.5
+    # Mixed precision: float32 factors and gradients, bf16 in -> bf16 out, merge in W's dtype.
+    for node in lora_nodes(trained):
+        assert (node.w.dtype, node.a.dtype, node.b.dtype) == (BF16, F32, F32)
+    assert {g.dtype for g in jax.tree.leaves(grads)} == {F32}
+    assert jax.jit(lorax.lora(model.apply))({"params": trained}, x).dtype == BF16
+    assert {w.dtype for w in jax.tree.leaves(jax.eval_shape(lorax.merge, trained))} == {BF16}
+
+
+def _routed(params):
+    tree = lorax.add_adapter(params, "p", rank=2, init="gaussian")
+    tree = lorax.add_adapter(tree, "q", rank=3, init="gaussian", key=jax.random.key(1))
+    rng = np.random.default_rng(2)
+
+    def fill(node):
+        if not isinstance(node, lorax.MultiLoRA):
+            return node
+        return dataclasses.replace(node, adapters={
+            name: dataclasses.replace(f, b=jnp.asarray(0.3 * rng.standard_normal(f.b.shape),
+                                                       f.b.dtype))
+            for name, f in node.adapters.items()})
+
+    return jax.tree.map(fill, tree, is_leaf=lambda n: isinstance(n, lorax.MultiLoRA))
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "pissa", "nf4", "routed"])
+def test_float32_factors_on_a_bf16_base_in_every_variant(variant):
+    k = jnp.sin(jnp.arange(32 * 16, dtype=jnp.float32)).reshape(32, 16)
+    params = {"fc": {"kernel": k.astype(jnp.bfloat16)}}
+    x = jnp.cos(jnp.arange(4 * 32, dtype=jnp.float32)).reshape(4, 32).astype(jnp.bfloat16)
+    f = lorax.lora(lambda p, x: x @ p["fc"]["kernel"])
+    x64 = np.asarray(x, np.float64)
+    if variant == "routed":
+        tree = _routed(params)
+        ids = ["p", "q", None, "q"]
+        apply = functools.partial(f, adapter_ids=ids)
+        node = tree["fc"]["kernel"]
+        w64 = np.asarray(node.w, np.float64)
+        kernels = [w64 + (0.0 if i is None else dense_delta(
+            node.adapters[i].a, node.adapters[i].b, node.adapters[i].scale)) for i in ids]
+        expected = np.stack([x64[n] @ kernels[n] for n in range(len(ids))])
+    else:
+        tree = perturb_b(lorax.wrap(params, rank=2, dora=variant == "dora",
+                                    init="pissa" if variant == "pissa" else "kaiming"), 1)
+        if variant == "nf4":
+            tree = lorax.quantize(tree, "nf4", block_size=32)
+        apply = f
+        node = tree["fc"]["kernel"]
+        w = node.w.dequantize(jnp.float32) if variant == "nf4" else node.w
+        kernel = np.asarray(w, np.float64) + dense_delta(node.a, node.b, node.scale)
+        if variant == "dora":  # m * V / ||V||_c, norms over the input axis
+            kernel = kernel * np.asarray(node.magnitude, np.float64) / np.linalg.norm(kernel,
+                                                                                      axis=0)
+        expected = x64 @ kernel
+    # The program's dtype out (bf16 in, bf16 out), within a few bf16 roundings of the exact
+    # kernel: the inputs, the low-rank products and the output round to bf16 (eps 2^-7).
+    y = jax.jit(apply)(tree, x)
+    assert y.dtype == BF16
+    assert_close(y, expected, dtype=jnp.bfloat16, ulps=8)
+    assert jax.eval_shape(apply, tree, x.astype(jnp.float32)).dtype == F32  # f32 in, f32 out
+    factors = jax.tree.leaves(lorax.split(tree)[0])
+    loss = lorax.value_and_grad(lambda t: jnp.sum(apply(t, x).astype(jnp.float32)))
+    grads = jax.tree.leaves(jax.eval_shape(loss, tree)[1])
+    assert {a.dtype for a in factors} == {g.dtype for g in grads} == {F32}
+    assert jax.eval_shape(lorax.merge, tree)["fc"]["kernel"].dtype == BF16
+
+
+def _forward_mode_case(consumer):
+    """A Flax layer of each consumer kind, its input and the kernel path to adapt."""
+    if consumer == "dense":  # x·W + (x·a)·b with a fused epilogue
+        model, x = nn.Dense(5), jnp.linspace(-1.0, 1.0, 48).reshape(6, 8)
+    elif consumer == "wide":  # a vocabulary-wide output: x·(W + s·a·b), merged in one pass
+        model, x = nn.Dense(4096), jnp.linspace(-1.0, 1.0, 128).reshape(16, 8)
+    elif consumer == "conv":  # conv with a, then a 1x1 product with b
+        model, x = nn.Conv(4, (3,)), jnp.linspace(-1.0, 1.0, 42).reshape(2, 7, 3)
+    else:  # an embedding lookup of rows of a, then ·b
+        model, x = nn.Embed(10, 4), jnp.array([[1, 2, 3], [4, 5, 9]])
+    params = model.init(jax.random.key(0), x)["params"]
+    kernel = "embedding" if consumer == "embed" else "kernel"
+    return model, x, perturb_b(lorax.wrap(params, rank=2, targets=f"^{kernel}$"), 1)
+
+
+@pytest.mark.parametrize("consumer", ["dense", "wide", "conv", "embed"])
+def test_forward_mode_autodiff_matches_the_dense_kernel(consumer):
+    model, x, lp = _forward_mode_case(consumer)
+    train, frozen = lorax.split(lp)
+
+    def factorized(train, x):
+        return lorax.lora(model.apply)({"params": lorax.combine(train, frozen)}, x)
+
+    def dense(train, x):  # x·(W + s·a·b), with the kernel formed by the test's own einsum
+        return model.apply({"params": dense_params_jnp(lorax.combine(train, frozen))}, x)
+
+    tangent = jax.tree.map(jnp.cos, train)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def derivatives(f, train, x):
+        out = {"jvp": jax.jvp(lambda t: f(t, x), (train,), (tangent,))}
+        if consumer == "wide":  # its Jacobian in the factors is 16·4096 x 8208: take x's
+            out["jacfwd"] = jax.jacfwd(f, argnums=1)(train, x)
+        else:
+            out["jacfwd"] = jax.jacfwd(f)(train, x)
+        if consumer == "dense":  # forward over reverse
+            out["hessian"] = jax.hessian(lambda t: jnp.sum(f(t, x) ** 2))(train)
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            out["jvp_x"] = jax.jvp(lambda x: f(train, x), (x,), (jnp.sin(x),))
+        return out
+
+    assert_close(derivatives(factorized, train, x), derivatives(dense, train, x))
+
+
+def test_forward_mode_through_a_quantized_base_names_the_fix():
+    k = jnp.sin(jnp.arange(16 * 8, dtype=jnp.float32)).reshape(16, 8)
+    qp = lorax.quantize(perturb_b(lorax.wrap({"fc": {"kernel": k}}, rank=2), 1), "int8",
+                        block_size=8)
+    f = lorax.lora(lambda p, x: x @ p["fc"]["kernel"])
+    x = jnp.linspace(-1.0, 1.0, 48).reshape(3, 16)
+    fix = r"forward-mode .*'fc/kernel'.*lorax\.quantization\.dequantize\(tree\)"
+    with pytest.raises(TypeError, match=fix):
+        jax.jvp(lambda x: f(qp, x), (x,), (x,))
+    with pytest.raises(TypeError, match=fix):
+        jax.jacfwd(lambda x: f(qp, x))(x)
+    # The fix: the dequantized base computes the same values, in both modes.
+    deq = lorax.quantization.dequantize(qp)
+    node = deq["fc"]["kernel"]
+    assert node.w.dtype == F32 and node.a is qp["fc"]["kernel"].a
+    kernel = np.asarray(node.w, np.float64) + dense_delta(node.a, node.b, node.scale)
+    assert_close(f(qp, x), f(deq, x))
+    assert_close(jax.jvp(lambda x: f(deq, x), (x,), (jnp.cos(x),))[1],
+                 np.asarray(jnp.cos(x), np.float64) @ kernel)
+
+
+def _mid_tree():
+    params = {"mid": {"kernel": jnp.linspace(-1.0, 1.0, 32).reshape(8, 4), "bias": jnp.zeros(4)}}
+    lp = perturb_b(lorax.wrap(params, rank=2), 1)
+    loss = lorax.lora(lambda p, x: jnp.sum(jnp.tanh(x @ p["mid"]["kernel"]
+                                                    + p["mid"]["bias"][None])))
+    return params, lp, loss
+
+
+def test_update_takes_the_state_of_the_whole_tree_or_of_its_half():
+    _, lp, loss = _mid_tree()
+    x = jnp.linspace(-1.0, 1.0, 24).reshape(3, 8)
+    train, frozen = lorax.split(lp)
+    _, grads = lorax.value_and_grad(loss)(lp, x)
+    # Adam's first two steps on the factors alone, as plain optax computes them.
+    adam, leaves = optax.adam(1e-2), jax.tree.leaves(train)
+    first, adam_state = adam.update(jax.tree.leaves(grads), adam.init(leaves), leaves)
+    second, _ = adam.update(jax.tree.leaves(grads), adam_state, leaves)
+    tx = lorax.optimizer(optax.adam(1e-2))
+    for state in (tx.init(lp), tx.init(train)):  # MaskedNode or None for the frozen leaves
+        for params in (train, lp):
+            updates, new_state = tx.update(grads, state, params)
+            assert jax.tree.structure(new_state) == jax.tree.structure(state)
+            assert jax.tree.structure(updates) == jax.tree.structure(grads)
+            assert_close(jax.tree.leaves(updates), first)
+            updates, _ = jax.jit(tx.update)(grads, new_state, params)
+            assert_close(jax.tree.leaves(updates), second)
+    other = lorax.split(lorax.wrap({"mid": {"kernel": jnp.ones((8, 4))}}, rank=3))[0]
+    with pytest.raises(ValueError, match=r"`state`.*shape \[8, 2\].*got shape \[8, 3\].*init"):
+        tx.update(grads, tx.init(other), train)
+
+
+def test_training_an_unwrapped_tree_is_refused():
+    params, lp, loss = _mid_tree()
+    x = jnp.ones((3, 8))
+    tx = lorax.optimizer(optax.adam(1e-3))
+    fix = r"^no trainable leaves: wrap the tree with lorax\.wrap first"
+    with pytest.raises(ValueError, match=fix + r".*argument 0 of the differentiated function"):
+        lorax.value_and_grad(loss)(params, x)
+    with pytest.raises(ValueError, match=fix + r".*`params` of init"):
+        tx.init(params)
+    # The structure functions stay usable on any tree; training its "trainable half" is not.
+    train, frozen = lorax.split(params)
+    assert jax.tree.leaves(train) == [] and frozen["mid"]["kernel"] is params["mid"]["kernel"]
+    assert not any(jax.tree.leaves(lorax.trainable(params)))
+    with pytest.raises(ValueError, match=fix):
+        tx.init(train)
+    _, grads = lorax.value_and_grad(loss)(lp, x)  # the wrapped tree trains
+    tx.update(grads, tx.init(lorax.split(lp)[0]), lorax.split(lp)[0])
+
+
+def test_multisteps_accumulates_through_lorax_optimizer():
+    _, lp, loss = _mid_tree()
+    lr, k = 1e-2, 3
+    tx = lorax.optimizer(optax.MultiSteps(optax.adam(lr), every_k_schedule=k))
+    train, frozen = lorax.split(lp)
+    state, params, all_grads = tx.init(train), train, []
+    for i in range(k):
+        _, grads = lorax.value_and_grad(loss)(lp, jnp.linspace(-1.0, 1.0, 24).reshape(3, 8) * i)
+        all_grads.append(grads)
+        updates, state = tx.update(grads, state, params)
+        if i < k - 1:  # mini-steps accumulate and change nothing
+            assert not any(np.any(u) for u in jax.tree.leaves(updates))
+        params = optax.apply_updates(params, updates)
+    # One Adam step on the mean gradient: m̂ = g, v̂ = g², so the step is -lr·g/(|g| + eps).
+    mean = jax.tree.map(lambda *g: sum(g) / k, *all_grads)
+    expected = jax.tree.map(lambda p, g: p - lr * g / (jnp.abs(g) + 1e-8), train, mean)
+    assert_close(params, expected)
+    assert lorax.combine(params, frozen)["mid"]["kernel"].w is lp["mid"]["kernel"].w

@@ -243,8 +243,13 @@ def test_dtype_argument():
     w = jnp.ones((8, 8), F32)
     (node,) = lora_nodes(lorax.wrap({"kernel": w}, rank=2, dtype=jnp.bfloat16))
     assert node.a.dtype == node.b.dtype == jnp.bfloat16 and node.w.dtype == F32
-    (node,) = lora_nodes(lorax.wrap({"kernel": w.astype(jnp.bfloat16)}, rank=2))
-    assert node.a.dtype == node.b.dtype == jnp.bfloat16  # default: the kernel's dtype
+    # Default: the kernel's dtype promoted to at least float32 (PEFT's autocast_adapter_dtype).
+    for half in (jnp.bfloat16, jnp.float16):
+        (node,) = lora_nodes(lorax.wrap({"kernel": w.astype(half)}, rank=2))
+        assert node.a.dtype == node.b.dtype == F32 and node.w.dtype == half
+    (node,) = lora_nodes(lorax.wrap({"kernel": w.astype(jnp.bfloat16)}, rank=2,
+                                    dtype=jnp.bfloat16))
+    assert node.a.dtype == node.b.dtype == jnp.bfloat16
     (node,) = lora_nodes(lorax.wrap({"kernel": S(8, 8)}, rank=2, dtype=jnp.float16))
     assert node.a.dtype == node.b.dtype == jnp.float16
 
