@@ -113,7 +113,7 @@ def test_scale_planning_counts_llama2_7b_exactly():
     plan = scale.plan_scale("llama2-7b", "qkvo")
     per_layer = 4 * RANK * (4096 + 4096)
     assert plan["trainable_params"] == 32 * per_layer == 8_388_608
-    assert plan["adapter_bytes"] == 2 * plan["trainable_params"]  # bf16 factors
+    assert plan["adapter_bytes"] == 4 * plan["trainable_params"]  # float32 factors (default)
     assert plan["optstate_bytes_lora"] == 2 * plan["adapter_bytes"] + 4
     assert plan["live_arrays_delta"] == 0
     assert plan["total_params"] == 6_738_415_616 + per_layer * 32  # Llama-2-7B + adapters

@@ -11,6 +11,7 @@ measures and writes is described in :mod:`experiments.bench.cli`. The modules, o
 * :mod:`~experiments.bench.scale`: scale planning on abstract Llama-2-shaped trees;
 * :mod:`~experiments.bench.ranks`: the rank-scaling sweep;
 * :mod:`~experiments.bench.tracetime`: trace time of the LoRA step against the full step;
+* :mod:`~experiments.bench.nnx_lora`: lorax against qwix on an NNX transformer;
 * :mod:`~experiments.bench.report`: the markdown report and machine information;
 * :mod:`~experiments.bench.cli`: the command line and the per-model benchmark.
 """

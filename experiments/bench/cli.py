@@ -51,6 +51,11 @@ the tied head not) and each rank it measures, in one process:
    tokens/s (48-token left-padded prompts, 32 new tokens, 8 and 64 rows) of the base params, a
    merged r = 8 adapter and the same adapter unmerged (factorized), interleaved; the per-round
    ratios unmerged/merged and merged/base, and XLA's bytes and FLOPs of one decode step of each.
+9. **NNX: lorax vs qwix** (``nnx``, :mod:`~experiments.bench.nnx_lora`; needs ``qwix``): the
+   NNX transformer of :mod:`experiments.nnx_transformer` wrapped by :func:`lorax.wrap` and by
+   qwix's ``LoraProvider`` at each rank, trained by the same step: trainable parameters
+   (asserted equal), FLOPs and bytes of the unrolled step, memory of the scanned step,
+   interleaved wall time (with the frozen floor) and compile time.
 
 ``--quick`` shrinks everything for a smoke run: a tiny GPT (and, when asked for with
 ``--models``, a tiny random-init MiniLM-shaped encoder or Llama, the latter decoding 2 and 4
@@ -60,7 +65,8 @@ rank sweep 1, 8, 64, and every program compiled with
 
 Outputs: the markdown report on stdout (``--json``: the JSON instead), and in ``--out DIR``:
 ``bench.md``, ``bench.json`` (a list with one object per model and rank) and
-``bench_scale.json`` (scale planning, rank scaling, the step-memory table and decode). Machine
+``bench_scale.json`` (scale planning, rank scaling, the step-memory table, decode and
+``nnx_lora``, the lorax/qwix rows). Machine
 information is recorded in all three.
 """
 
@@ -78,6 +84,7 @@ from tqdm import tqdm
 
 import lorax
 from experiments import memory
+from experiments.bench import nnx_lora
 from experiments.bench.cost import Cost, base_costs, flop_ratios, rank_costs
 from experiments.bench.decode import QUICK as QUICK_DECODE
 from experiments.bench.decode import measure_decode
@@ -194,13 +201,17 @@ def _rank(text: str) -> list[int]:
     return [_positive(part, "rank") for part in text.split(",")]
 
 
+NNX = "nnx"
+"""The ``--models`` name of the lorax/qwix comparison (:mod:`experiments.bench.nnx_lora`)."""
+
+
 def _models(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in MODELS]
+    unknown = [name for name in names if name not in (*MODELS, NNX)]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown model {', '.join(map(repr, unknown)) or repr(text)}; "
-            f"expected a comma-separated subset of {', '.join(MODELS)}"
+            f"expected a comma-separated subset of {', '.join((*MODELS, NNX))}"
         )
     return names
 
@@ -237,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=_positive, default=None,
                         help="timed rounds per measurement (default: 10; 3 with --quick)")
     parser.add_argument("--models", type=_models, default=None,
-                        help="comma-separated subset of gpt,minilm,smollm2 (default: all; gpt "
-                        "with --quick)")
+                        help="comma-separated subset of gpt,minilm,smollm2,nnx (default: all; "
+                        "gpt with --quick; nnx: lorax vs qwix on an NNX transformer)")
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"),
                         default=["float32"],
                         help="parameter (and compute) dtypes to benchmark (default: float32)")
@@ -261,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quick = args.quick
     steps = args.steps or (3 if quick else 10)
     warmup = 1 if quick else 2
-    models = args.models or (["gpt"] if quick else list(MODELS))
+    models = args.models or (["gpt"] if quick else [*MODELS, NNX])
     rss = (not quick) if args.rss is None else args.rss
 
     if args._worker is not None:
@@ -272,7 +283,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     workloads, notes = [], []
-    for name, dtype in [(name, dtype) for name in models for dtype in args.dtypes]:
+    nnx = NNX in models
+    if nnx:
+        try:
+            import qwix  # noqa: F401
+        except ImportError as err:
+            if args.models is not None:
+                parser.error(f"model {NNX!r} is unavailable: {err}")
+            notes.append(f"skipped {NNX}: {err}")
+            print(f"bench: {notes[-1]}", file=sys.stderr)
+            nnx = False
+    for name, dtype in [(name, dtype) for name in models if name != NNX
+                        for dtype in args.dtypes]:
         try:
             workload = make_workload(name, quick, dtype, args.batch)
         except (ImportError, FileNotFoundError) as err:
@@ -298,8 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages = (len(workloads) * (2 + 2 * rss + len(ranks) * (4 + rss))
               + sum(w.name == "smollm2" for w in workloads)
               + sum(len(set(rs) - set(ranks)) for rs in sweeps.values())
-              + (len(LLAMA_SHAPES) * len(TARGET_SETS) + 2) * args.extras)
-    results, sweep, planning, decode = [], [], [], []
+              + (len(LLAMA_SHAPES) * len(TARGET_SETS) + 2) * args.extras
+              + 3 * len(ranks) * nnx)
+    results, sweep, planning, decode, nnx_rows = [], [], [], [], []
     with tqdm(total=stages, file=sys.stderr, desc="bench", disable=None, leave=False) as bar:
         def progress(label: str) -> None:
             bar.set_description(label)
@@ -318,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 decode += [{**row, "dtype": dtype} for row in measure_decode(
                     workload.params, workload.config, **(QUICK_DECODE if quick else {}),
                     rounds=steps, warmup=warmup)]
+        if nnx:
+            nnx_rows = nnx_lora.run(ranks, quick, steps, warmup, progress)
         memory_rows = []
         for name in LLAMA_SHAPES if args.extras else ():
             for targets in TARGET_SETS:
@@ -335,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in results:
         row["machine"] = machine
     scale = {"machine": machine, "scale_planning": planning, "rank_scaling": sweep,
-             "memory": memory_rows, "trace": trace, "decode": decode, "notes": notes,
+             "memory": memory_rows, "trace": trace, "decode": decode, "nnx_lora": nnx_rows,
+             "notes": notes,
              "elapsed_s": time.perf_counter() - start}
     report = render_markdown(results, scale, machine)
     os.makedirs(args.out, exist_ok=True)

@@ -232,5 +232,9 @@ def render_markdown(
     if scale.get("memory"):
         lines += ["", "## Step memory by frozen base (XLA memory_analysis)", ""]
         lines += memory.render(scale["memory"])
+    if scale.get("nnx_lora"):
+        from experiments.bench.nnx_lora import render
+
+        lines += ["", *render(scale["nnx_lora"])]
     lines += [f"- {note}" for note in scale.get("notes", [])]
     return "\n".join(lines) + "\n"
