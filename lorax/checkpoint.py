@@ -150,7 +150,7 @@ def _factor_shardings(node: LoRA) -> dict[str, Any]:
         return {name: NamedSharding(sharding.mesh, getattr(specs, name))
                 for name in ("a", "b", "magnitude")}
     if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = compat.single_device_sharding(jax.devices()[0])
     return dict.fromkeys(("a", "b", "magnitude"), sharding)
 
 

@@ -1,15 +1,14 @@
 """Everything that differs across the supported JAX versions, in one place.
 
-lorax is tested from jax 0.7.1 / flax 0.12.0 to jax 0.10.2 / flax 0.12.8 (README, "Supported
-versions"); it also knows the primitive parameters of jax 0.11 (read from its sources, the
-``jax-v0.11.0`` tag and the ``main`` branch that becomes 0.11.1/0.11.2, and run from the checkout
-on the lent GPU machine's jax 0.11.2), without widening the pinned range. The rest of the package
-imports version-dependent names from here instead of from ``jax`` directly, and
-:func:`check_params` guards every primitive whose parameters lorax reads: a parameter layout that
-no known JAX produced raises :class:`UnsupportedJaxError` naming the primitive and the installed
-JAX version, instead of computing something wrong.
+lorax is tested from jax 0.7.1 / flax 0.12.0 (pyproject.toml's lower bounds) to jax 0.12.1 /
+flax 0.12.12, the newest the package index offered (README, "Supported versions"); pyproject sets
+no upper bound, so a newer JAX installs as it is. The rest of the package imports
+version-dependent names from here instead of from ``jax`` directly, and :func:`check_params`
+guards every primitive whose parameters lorax reads: a parameter layout that no known JAX
+produced raises :class:`UnsupportedJaxError` naming the primitive and the installed JAX version,
+instead of computing something wrong. That refusal is what makes the open upper bound safe.
 
-Differences handled here (as seen on jax 0.7.1, 0.8.2, 0.10.2 and in the 0.11 sources):
+Differences handled here (as seen on jax 0.7.1, 0.8.2, 0.10.2, 0.11.2 and 0.12.1):
 
 * ``jax.extend.core.DropVar`` exists from 0.10.2 on; before, ``jax.core.DropVar`` (removed
   from ``jax.core`` in 0.11.0).
@@ -33,9 +32,11 @@ Differences handled here (as seen on jax 0.7.1, 0.8.2, 0.10.2 and in the 0.11 so
 * ``closed_call_p`` (and ``call_p``) are aliases of the ``eval_jaxpr`` primitive after 0.11.0
   (jax commit 99a9f6e7, on ``main`` for 0.11.1), whose body is ``call_jaxpr``; ``eval_jaxpr``'s
   body was the parameter ``jaxpr`` before: :func:`called_jaxpr`.
+* ``jax.sharding.SingleDeviceSharding`` is deprecated from 0.12.0 in favour of
+  ``jax.sharding.make_single_device_sharding``, which 0.7.1 lacks: :func:`single_device_sharding`.
 * Parameters present on part of the range (``scan``'s ``linear``/``_split_transpose`` up to
-  0.8.2, ``conv_general_dilated``'s ``out_sharding`` from 0.8.2) are listed in
-  :data:`PARAM_LAYOUTS`, with the JAX versions that produce each layout.
+  0.8.2, ``conv_general_dilated``'s ``out_sharding`` from 0.8.2, ``gather``'s from 0.12.0) are
+  listed in :data:`PARAM_LAYOUTS`, with the JAX versions that produce each layout.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ import jax.extend.core as _jex
 from jax import lax
 from jax.extend.core import primitives as prims
 
-#: The tested range (pyproject.toml's bounds on jax).
-OLDEST_JAX, NEWEST_JAX = (0, 7, 1), (0, 10, 2)
+#: The tested range: pyproject.toml's lower bound on jax, and the newest jax CI has run the tests
+#: on (the package index's newest when last checked; pyproject sets no upper bound).
+OLDEST_JAX, NEWEST_JAX = (0, 7, 1), (0, 12, 1)
 
-#: The newest JAX whose primitive parameters :data:`PARAM_LAYOUTS` describes: beyond the tested
-#: range, read from the 0.11 sources and run on the GPU machine's jax 0.11.2 only.
-NEWEST_KNOWN_JAX = (0, 11, 2)
+#: The newest JAX whose primitive parameters :data:`PARAM_LAYOUTS` describes (the newest tested).
+NEWEST_KNOWN_JAX = NEWEST_JAX
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -149,6 +150,23 @@ def as_results(primitive: Any, outs: list[Any]) -> Any:
         return list(outs)
     (out,) = outs
     return out
+
+
+def single_device_sharding(device: Any) -> Any:
+    """The sharding that places an array whole on ``device``.
+
+    ``jax.sharding.make_single_device_sharding`` where it exists (it is missing on jax 0.7.1),
+    else the ``SingleDeviceSharding`` class, deprecated from 0.12.0.
+
+    Example:
+        >>> import jax
+        >>> single_device_sharding(jax.devices()[0]).device_set == {jax.devices()[0]}
+        True
+    """
+    make = getattr(jax.sharding, "make_single_device_sharding", None)
+    if make is not None:
+        return make(device)
+    return jax.sharding.SingleDeviceSharding(device)
 
 
 def varying_axes(x: Any) -> frozenset:
@@ -311,8 +329,7 @@ class Layout:
 _SCAN_COMMON = {"jaxpr": _closed, "length": _int, "reverse": None, "unroll": None}
 
 #: The parameter layouts lorax reads, by primitive name: each entry lists what the known JAX
-#: versions produce (jax 0.7.1 to 0.10.2 tested, 0.11 read from its sources). Primitives not
-#: listed are only ever bound unchanged.
+#: versions produce (jax 0.7.1 to 0.12.1). Primitives not listed are only ever bound unchanged.
 PARAM_LAYOUTS: dict[str, tuple[Layout, ...]] = {
     "dot_general": (Layout({"dimension_numbers": _dot_numbers, "precision": None,
                             "preferred_element_type": None}, ("out_sharding",)),),
@@ -326,7 +343,8 @@ PARAM_LAYOUTS: dict[str, tuple[Layout, ...]] = {
         {"dimension_numbers": _has("offset_dims", "collapsed_slice_dims", "start_index_map",
                                    "operand_batching_dims"),
          "slice_sizes": None},
-        ("indices_are_sorted", "unique_indices", "mode", "fill_value")),),
+        ("indices_are_sorted", "unique_indices", "mode", "fill_value",
+         "out_sharding")),),  # out_sharding: from jax 0.12.0
     "ragged_dot_general": (Layout(
         {"ragged_dot_dimension_numbers": _has("dot_dimension_numbers", "lhs_ragged_dimensions",
                                               "rhs_group_dimensions"),
@@ -351,7 +369,7 @@ PARAM_LAYOUTS: dict[str, tuple[Layout, ...]] = {
                       ("differentiated",)),),
     "scan": (Layout({**_SCAN_COMMON, "num_consts": _int, "num_carry": _int},
                     ("linear", "_split_transpose"),  # both: up to jax 0.8.2
-                    versions=(OLDEST_JAX, NEWEST_JAX)),
+                    versions=(OLDEST_JAX, (0, 10, 2))),
              Layout({**_SCAN_COMMON, "ft_in": _flat_tree(3), "ft_out": _flat_tree(2)},
                     versions=((0, 11, 0), None))),
     "cond": (Layout({"branches": _jaxprs}),),
@@ -395,10 +413,10 @@ primitive `transpose` (no parameter 'permutation'; unknown parameter 'perm') ...
                 f"as on jax {_text(lay.versions[0])}..{_text(lay.versions[1])}: {'; '.join(p)}"
                 for lay, p in zip(layouts, problems, strict=True))
         oldest, newest = (_text(v) for v in (OLDEST_JAX, NEWEST_JAX))
+        newer = f", newer than {newest}," if JAX_VERSION > NEWEST_JAX else ""
         raise UnsupportedJaxError(
             f"lorax does not understand the parameters of the JAX primitive `{name}` "
-            f"({why}) with the installed jax {jax.__version__}; lorax is tested with jax "
-            f"{oldest} to {newest} (and knows the parameters of {_text(NEWEST_KNOWN_JAX)}). "
-            "Install a jax in the tested range, or report this at lorax's issue tracker with "
-            "your jax version."
+            f"({why}) with the installed jax {jax.__version__}{newer}; lorax is tested with "
+            f"jax {oldest} to {newest}. Install a jax in the tested range, or report this at "
+            "lorax's issue tracker with your jax version."
         )

@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 import lorax
 from experiments import gpt
 from experiments import train_distributed as td
+from lorax import compat
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DEVICES = 8
@@ -481,9 +482,13 @@ class _Cluster:
             cmd = [sys.executable, "-m", "experiments.train_distributed",
                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                    "--process-id", str(i), *self.argv, *(extra or {}).get(i, [])]
-            # A persistent compilation cache lets the restarted job skip recompiling.
-            env = {**cpu_devices_env(2), "JAX_COMPILATION_CACHE_DIR": str(self.workdir / "xla"),
-                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+            # A persistent compilation cache lets the restarted job skip recompiling; not from
+            # jax 0.12, whose processes hang in the first collective of an executable loaded
+            # from it (as does a two-process jitted sum without lorax; 0.11.2 and older do not).
+            env = cpu_devices_env(2)
+            if compat.JAX_VERSION < (0, 12, 0):
+                env |= {"JAX_COMPILATION_CACHE_DIR": str(self.workdir / "xla"),
+                        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
             with open(log, "w") as out:
                 self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
                                                    stderr=subprocess.STDOUT))
