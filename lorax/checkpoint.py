@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
-from lorax import modules
+from lorax import compat, modules
 from lorax.node import FullyTrained, LoRA, is_adapted, is_array_like, is_node
 from lorax.partition import check_whole, combine, split
 from lorax.paths import check_tree, path_str
