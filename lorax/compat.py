@@ -169,21 +169,6 @@ def single_device_sharding(device: Any) -> Any:
     return jax.sharding.SingleDeviceSharding(device)
 
 
-def varying_axes(x: Any) -> frozenset:
-    """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside): the aval's
-    ``manual_axis_type.varying`` from jax 0.10, its ``vma`` before.
-
-    Example:
-        >>> varying_axes(jax.numpy.ones(2))
-        frozenset()
-    """
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    if manual is not None:
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", None) or ())
-
-
 def pvary(x: Any, axis_name: str | tuple[str, ...]) -> Any:
     """Marks ``x`` device-varying over ``axis_name`` inside ``shard_map`` (``check_vma=True``).
 
